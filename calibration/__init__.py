@@ -1,0 +1,1 @@
+"""ptq.calibration package."""

@@ -1,0 +1,33 @@
+"""Rounding onto element grids: round-to-nearest-even and seeded stochastic rounding.
+
+Stochastic rounding follows ``floor(x / ulp + u)``, ``u ~ U[0, 1)`` drawn from a
+:class:`torch.Generator` the caller seeds (Gupta et al., "Deep Learning with Limited
+Numerical Precision", 2015), so the expectation of the rounded value equals ``x``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+RoundingMode = Literal["nearest", "stochastic"]
+
+
+def round_to_integer(
+    x: torch.Tensor, mode: RoundingMode = "nearest", generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Round ``x`` to integers: ties to even (``torch.round``) or stochastically."""
+    if mode == "nearest":
+        return torch.round(x)
+    if mode == "stochastic":
+        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return torch.floor(x + noise)
+    raise ValueError(f"unknown rounding mode {mode!r}; choose 'nearest' or 'stochastic'")
+
+
+def check_finite(x: torch.Tensor, what: str = "tensor") -> None:
+    """Raise ``ValueError`` if ``x`` holds NaN or Inf (the default non-finite policy)."""
+    if not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(f"{what} contains {bad} NaN/Inf value(s); quantization needs finite input")
