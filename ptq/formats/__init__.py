@@ -1,18 +1,34 @@
-"""Numeric formats: element grids, scales, granularity, quantize/dequantize, packing."""
+"""Numeric formats: element grids, scales, granularity, quantize/dequantize, packing.
+
+Submodules: :mod:`~ptq.formats.element` (INT/ExMy grids), :mod:`~ptq.formats.minifloat`
+(rounding and codes), :mod:`~ptq.formats.scales` (scale encodings),
+:mod:`~ptq.formats.granularity`, :mod:`~ptq.formats.scale_rules`,
+:mod:`~ptq.formats.clipping`, :mod:`~ptq.formats.quantizer`,
+:mod:`~ptq.formats.packing`, :mod:`~ptq.formats.ct_layout` (compressed-tensors),
+:mod:`~ptq.formats.ptq_layout` (ptq's own), :mod:`~ptq.formats.presets`,
+:mod:`~ptq.formats.table`.
+"""
 
 from ptq.formats.element import (
+    FP4_E1M2,
     FP4_E2M1,
+    FP4_E3M0,
     FP6_E2M3,
     FP6_E3M2,
     FP8_E4M3,
     FP8_E4M3FNUZ,
     FP8_E5M2,
+    FP8_E5M2FNUZ,
     INT2,
     INT3,
     INT4,
     INT5,
     INT6,
+    INT7,
     INT8,
+    MXINT8,
+    UINT4,
+    UINT8,
     ElementFormat,
     FloatFormat,
     IntFormat,
@@ -25,6 +41,7 @@ from ptq.formats.granularity import (
     PerTensor,
     largest_pow2_divisor,
 )
+from ptq.formats.presets import bits_per_weight, nominal_bits_per_weight, preset, preset_names
 from ptq.formats.quantizer import (
     QTensor,
     QuantFormat,
@@ -35,18 +52,25 @@ from ptq.formats.quantizer import (
 )
 
 __all__ = [
+    "FP4_E1M2",
     "FP4_E2M1",
+    "FP4_E3M0",
     "FP6_E2M3",
     "FP6_E3M2",
     "FP8_E4M3",
     "FP8_E4M3FNUZ",
     "FP8_E5M2",
+    "FP8_E5M2FNUZ",
     "INT2",
     "INT3",
     "INT4",
     "INT5",
     "INT6",
+    "INT7",
     "INT8",
+    "MXINT8",
+    "UINT4",
+    "UINT8",
     "ElementFormat",
     "FloatFormat",
     "Granularity",
@@ -57,9 +81,13 @@ __all__ = [
     "PerTensor",
     "QTensor",
     "QuantFormat",
+    "bits_per_weight",
     "dequantize",
     "element_values",
     "fake_quantize",
     "largest_pow2_divisor",
+    "nominal_bits_per_weight",
+    "preset",
+    "preset_names",
     "quantize",
 ]

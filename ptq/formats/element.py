@@ -4,11 +4,11 @@ Two families are modelled:
 
 * :class:`IntFormat` -- two's-complement (or unsigned) integers of ``bits`` bits.
 * :class:`FloatFormat` -- sign-magnitude minifloats ``ExMy`` with a chosen exponent
-  bias and Inf/NaN convention (OCP OFP8/MX specifications; Micikevicius et al.,
+  bias and Inf/NaN convention (OCP OFP8 and MX v1.0 specifications; Micikevicius et al.,
   "FP8 Formats for Deep Learning", 2022).
 
 Both are frozen dataclasses; the maths that rounds onto a grid lives in
-:mod:`ptq.formats.rounding` and the bit-level encoding in :mod:`ptq.formats.codes`.
+:mod:`ptq.formats.minifloat` and :mod:`ptq.formats.rounding`.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ InfNanStyle = Literal["ieee", "fn", "fnuz", "none"]
 * ``fnuz``: finite-only, unsigned zero; 0x80 is the single NaN (``float8_e4m3fnuz``).
 * ``none``: every code is a finite number (FP6, FP4).
 """
+
+INF_NAN_STYLES: tuple[InfNanStyle, ...] = ("ieee", "fn", "fnuz", "none")
 
 
 @dataclass(frozen=True)
@@ -45,10 +47,13 @@ class IntFormat:
     def __post_init__(self) -> None:
         if not 1 <= self.bits <= 32:
             raise ValueError(f"IntFormat bits must be in 1..32, got {self.bits}")
+        if self.restricted and not self.signed:
+            raise ValueError("IntFormat restricted range only applies to signed integers")
 
     @property
     def name(self) -> str:
-        return f"{'int' if self.signed else 'uint'}{self.bits}"
+        base = f"{'int' if self.signed else 'uint'}{self.bits}"
+        return base + ("_r" if self.restricted else "")
 
     @property
     def qmin(self) -> int:
@@ -66,21 +71,31 @@ class IntFormat:
         """Largest magnitude used to map ``amax`` onto the grid (symmetric scaling)."""
         return float(self.qmax)
 
+    @property
+    def min_subnormal(self) -> float:
+        """Smallest positive step of the grid (1 for integers)."""
+        return 1.0
+
 
 @dataclass(frozen=True)
 class FloatFormat:
     """A sign-magnitude minifloat ``E{exp_bits}M{man_bits}`` with an optional sign bit.
 
     The value of a normal code is ``(-1)^s * 2^(e - bias) * (1 + m / 2^M)``; a subnormal
-    (``e == 0``) is ``(-1)^s * 2^(1 - bias) * (m / 2^M)``.
+    (``e == 0``) is ``(-1)^s * 2^(1 - bias) * (m / 2^M)``. With ``M = 0`` there are no
+    subnormals: code 0 is zero and the smallest positive value is ``2^(1 - bias)``.
 
     Args:
-        exp_bits: Exponent bits (0 allowed only with ``man_bits > 0``: pure fixed point).
-        man_bits: Mantissa bits.
+        exp_bits: Exponent bits (>= 1).
+        man_bits: Mantissa bits (>= 0).
         bias: Exponent bias; defaults to ``2^(E-1) - 1``.
         inf_nan: Which codes are Inf/NaN (see :data:`InfNanStyle`).
         signed: Whether there is a sign bit (unsigned formats are used as scales).
         name_override: Display name (e.g. ``"fp8_e4m3"``).
+
+    Raises:
+        ValueError: More than 8 bits, or a bias that puts the grid outside fp32's normal
+            range (every value must be exact in fp32 for exact emulation).
     """
 
     exp_bits: int
@@ -92,9 +107,23 @@ class FloatFormat:
 
     def __post_init__(self) -> None:
         total = self.exp_bits + self.man_bits + (1 if self.signed else 0)
-        if self.exp_bits < 1 or self.man_bits < 0 or total > 8 and total != 16:
+        if self.exp_bits < 1 or self.man_bits < 0 or total > 8:
             raise ValueError(
                 f"FloatFormat E{self.exp_bits}M{self.man_bits} is not a minifloat of <= 8 bits"
+            )
+        if self.inf_nan not in INF_NAN_STYLES:
+            raise ValueError(
+                f"FloatFormat inf_nan {self.inf_nan!r} is not one of {', '.join(INF_NAN_STYLES)}"
+            )
+        if self.inf_nan == "fnuz" and not self.signed:
+            raise ValueError("inf_nan 'fnuz' needs a sign bit (its NaN is the negative zero)")
+        if self.inf_nan == "ieee" and self.exp_bits < 2:
+            raise ValueError("inf_nan 'ieee' needs at least 2 exponent bits")
+        if self.emin - self.man_bits < -126 or self.emax > 127:
+            raise ValueError(
+                f"FloatFormat E{self.exp_bits}M{self.man_bits} bias {self.exp_bias} puts the "
+                "grid outside fp32's normal range; choose a bias in "
+                f"[{2**self.exp_bits - 128}, {127 - self.man_bits}]"
             )
 
     @property
@@ -114,13 +143,15 @@ class FloatFormat:
 
     @property
     def max_exp_code(self) -> int:
-        """Largest exponent field value that encodes finite normals."""
+        """Largest exponent field value that encodes a finite normal."""
         top = 2**self.exp_bits - 1
-        return top - 1 if self.inf_nan == "ieee" else top
+        if self.inf_nan == "ieee" or (self.inf_nan == "fn" and self.man_bits == 0):
+            return top - 1
+        return top
 
     @property
     def emax(self) -> int:
-        """Unbiased exponent of the largest normal."""
+        """Unbiased exponent of the largest finite normal."""
         return self.max_exp_code - self.exp_bias
 
     @property
@@ -132,7 +163,7 @@ class FloatFormat:
     def max_value(self) -> float:
         """Largest finite magnitude."""
         top_mantissa = 2**self.man_bits - 1
-        if self.inf_nan == "fn":
+        if self.inf_nan == "fn" and self.man_bits > 0:
             top_mantissa -= 1  # S.1111.111 is NaN
         return math.ldexp(1.0 + top_mantissa / 2**self.man_bits, self.emax)
 
@@ -142,7 +173,16 @@ class FloatFormat:
 
     @property
     def min_subnormal(self) -> float:
+        """Smallest positive value (the grid step near zero)."""
         return math.ldexp(1.0, self.emin - self.man_bits)
+
+    @property
+    def has_nan(self) -> bool:
+        return self.inf_nan != "none"
+
+    @property
+    def has_inf(self) -> bool:
+        return self.inf_nan == "ieee"
 
 
 ElementFormat = IntFormat | FloatFormat
@@ -152,10 +192,17 @@ INT3 = IntFormat(3)
 INT4 = IntFormat(4)
 INT5 = IntFormat(5)
 INT6 = IntFormat(6)
+INT7 = IntFormat(7)
 INT8 = IntFormat(8)
+UINT4 = IntFormat(4, signed=False)
+UINT8 = IntFormat(8, signed=False)
+MXINT8 = IntFormat(8, restricted=True)
 FP8_E4M3 = FloatFormat(4, 3, 7, "fn", name_override="fp8_e4m3")
 FP8_E4M3FNUZ = FloatFormat(4, 3, 8, "fnuz", name_override="fp8_e4m3fnuz")
 FP8_E5M2 = FloatFormat(5, 2, 15, "ieee", name_override="fp8_e5m2")
+FP8_E5M2FNUZ = FloatFormat(5, 2, 16, "fnuz", name_override="fp8_e5m2fnuz")
 FP6_E2M3 = FloatFormat(2, 3, 1, "none", name_override="fp6_e2m3")
 FP6_E3M2 = FloatFormat(3, 2, 3, "none", name_override="fp6_e3m2")
 FP4_E2M1 = FloatFormat(2, 1, 1, "none", name_override="fp4_e2m1")
+FP4_E3M0 = FloatFormat(3, 0, 3, "none", name_override="fp4_e3m0")
+FP4_E1M2 = FloatFormat(1, 2, 1, "none", name_override="fp4_e1m2")

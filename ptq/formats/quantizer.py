@@ -1,101 +1,46 @@
 """Quantize and dequantize 2-D tensors with any element format, granularity and scale.
 
-For a block ``B`` (from the granularity) with symmetric scaling the maths is
+For a block ``B`` (from the granularity) with symmetric scaling (see
+:mod:`ptq.formats.scale_rules` for how ``s_B`` is chosen)
 
-    s_B = encode_scale(amax(B) / q_max)          (amax rule)
-    s_B = 2^(floor(log2 amax(B)) - emax_elem)    (OCP MX rule, E8M0)
-    q   = round_to_grid(x / s_B)                 (nearest-even, saturating)
+    q   = round_to_grid(x / s_B)                 (nearest-even or stochastic, saturating)
     x^  = q * s_B
 
-and, with a second level (NVFP4), a per-tensor ``g = q_max * scale_max / amax(W)`` so that
-the stored block scale ``t_B = e4m3(amax(B) / q_max * g)`` and ``x^ = q * (t_B / g)``.
-Asymmetric integers use ``s = (max - min) / (q_max - q_min)``, ``z = round(q_min - min / s)``
-and ``x^ = (q - z) * s``.
+Asymmetric integers follow compressed-tensors' op order:
+``s = enc((max - min) / (q_max - q_min))``, ``z = clamp(round(q_min - min / s))``,
+``q = clamp(round(x / s + z))`` and ``x^ = (q - z) * s``. Blocks are reshaped views
+``[R/r, r, C/c, c]`` with per-block values broadcast over them (no index expansion).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from typing import Literal
-
 import torch
 
+from ptq.formats.clipping import mse_clipped_amax
 from ptq.formats.element import ElementFormat, FloatFormat, IntFormat
-from ptq.formats.granularity import Granularity, PerChannel, PerTensor
-from ptq.formats.minifloat import decode_float, encode_float, round_to_float_grid
+from ptq.formats.granularity import PerChannel, PerTensor
+from ptq.formats.minifloat import decode_float, encode_float, round_finite, round_to_float_grid
+from ptq.formats.qformat import ClipSearch, QTensor, QuantFormat, ScaleRule
 from ptq.formats.rounding import RoundingMode, check_finite, round_to_integer
-from ptq.formats.scales import E4M3_SCALE, ScaleFormat, encode_scale
+from ptq.formats.scale_rules import symmetric_scales, tensor_global_scale
+from ptq.formats.scales import encode_scale
 
-ScaleRule = Literal["amax", "mx", "mx_round_up"]
-ClipSearch = Literal["none", "mse"]
-
-
-@dataclass(frozen=True)
-class QuantFormat:
-    """A complete tensor quantization format: element grid, granularity and scales.
-
-    Args:
-        element: The element format (integer or minifloat).
-        granularity: Which elements share a scale.
-        symmetric: Integer formats only: no zero point if True.
-        scale_format: How scales are stored (rounded onto that grid).
-        scale_rule: ``amax`` (``s = amax / q_max``) or the OCP MX shared-exponent rule
-            (``mx``; ``mx_round_up`` takes the ceiling so no element clips).
-        global_scale: Add an fp32 per-tensor second level (NVFP4).
-        clip: ``mse`` searches the clip ratio per block minimising squared error.
-        name: Display name for presets.
-    """
-
-    element: ElementFormat
-    granularity: Granularity = field(default_factory=PerChannel)
-    symmetric: bool = True
-    scale_format: ScaleFormat = "fp32"
-    scale_rule: ScaleRule = "amax"
-    global_scale: bool = False
-    clip: ClipSearch = "none"
-    name: str = ""
-
-    def __post_init__(self) -> None:
-        if not self.symmetric and not isinstance(self.element, IntFormat):
-            raise ValueError("asymmetric (zero-point) quantization needs an integer element")
-        if self.scale_rule != "amax" and self.scale_format not in ("e8m0", "pow2"):
-            raise ValueError(f"scale rule {self.scale_rule!r} needs an e8m0 or pow2 scale")
-
-    def with_granularity(self, granularity: Granularity) -> QuantFormat:
-        return replace(self, granularity=granularity)
-
-    @property
-    def bits(self) -> int:
-        return self.element.bits
+__all__ = [
+    "ClipSearch",
+    "QTensor",
+    "QuantFormat",
+    "ScaleRule",
+    "dequantize",
+    "element_values",
+    "expand_blocks",
+    "fake_quantize",
+    "per_tensor",
+    "per_token",
+    "quantize",
+]
 
 
-@dataclass
-class QTensor:
-    """A quantized 2-D tensor: integer/bit codes plus the scales needed to decode them.
-
-    ``codes`` is int8 (integer elements, zero point included) or uint8 bit patterns
-    (minifloat elements), shaped like the original tensor. ``scale`` holds fp32 values
-    already on the scale format's grid, shape ``[ceil(R / r), ceil(C / c)]``.
-    """
-
-    codes: torch.Tensor
-    scale: torch.Tensor
-    fmt: QuantFormat
-    zero_point: torch.Tensor | None = None
-    global_scale: torch.Tensor | None = None
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.codes.shape
-
-
-def _element_emax(element: ElementFormat) -> int:
-    if isinstance(element, FloatFormat):
-        return element.emax
-    return element.bits - 2  # MXINT: q * 2^-(bits-2), largest magnitude just under 2
-
-
-def _blocked(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+def to_blocks(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     """View ``x`` [R, C] as [R/r, r, C/c, c], zero-padding partial edge blocks."""
     r, c = block
     rows, cols = x.shape
@@ -105,43 +50,91 @@ def _blocked(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     return x.reshape(x.shape[0] // r, r, x.shape[1] // c, c)
 
 
+def from_blocks(xb: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Inverse of :func:`to_blocks`: [R/r, r, C/c, c] back to [R, C] (padding dropped)."""
+    full = xb.reshape(xb.shape[0] * xb.shape[1], xb.shape[2] * xb.shape[3])
+    if full.shape != shape:
+        full = full[: shape[0], : shape[1]]
+    return full
+
+
 def expand_blocks(s: torch.Tensor, block: tuple[int, int], shape: torch.Size) -> torch.Tensor:
     """Broadcast per-block values ``[R/r, C/c]`` back to the element shape ``[R, C]``."""
     r, c = block
-    full = s.repeat_interleave(r, dim=0).repeat_interleave(c, dim=1)
-    return full[: shape[0], : shape[1]]
+    full = s[:, None, :, None].expand(s.shape[0], r, s.shape[1], c)
+    return from_blocks(full, shape)
+
+
+def int_code_dtype(element: IntFormat) -> torch.dtype:
+    """int8/uint8 for <= 8-bit integer codes, int32 above."""
+    if element.bits > 8:
+        return torch.int32
+    return torch.int8 if element.signed else torch.uint8
 
 
 def _round_elements(
-    y: torch.Tensor, element: ElementFormat, mode: RoundingMode, gen: torch.Generator | None
+    y: torch.Tensor,
+    element: ElementFormat,
+    mode: RoundingMode,
+    gen: torch.Generator | None,
+    finite: bool,
 ) -> torch.Tensor:
     if isinstance(element, FloatFormat):
+        if finite:
+            return round_finite(y, element, mode, gen)
         return round_to_float_grid(y, element, mode, gen)
-    return torch.clamp(round_to_integer(y, mode, gen), element.qmin, element.qmax)
+    # "+ 0.0" turns -0 into +0, as the integer codes hold it.
+    return round_to_integer(y, mode, gen).clamp_(element.qmin, element.qmax).add_(0.0)
 
 
-def _symmetric_scales(
-    xb: torch.Tensor, fmt: QuantFormat, amax: torch.Tensor, global_scale: torch.Tensor | None
-) -> torch.Tensor:
-    qmax = fmt.element.max_value
-    if fmt.scale_rule in ("mx", "mx_round_up"):
-        safe = torch.where(amax > 0, amax, torch.ones_like(amax))
-        e = torch.floor(torch.log2(safe)) - _element_emax(fmt.element)
-        if fmt.scale_rule == "mx_round_up":
-            e = torch.ceil(torch.log2(safe / qmax))
-        return torch.exp2(torch.clamp(e, -127, 127))
-    if global_scale is not None:
-        stored = encode_scale(amax / qmax * global_scale, fmt.scale_format)
-        return stored / global_scale
-    s = amax / qmax
-    s = torch.where(s > 0, s, torch.ones_like(s))
-    return encode_scale(s, fmt.scale_format)
+def _stats_input(x: torch.Tensor, fmt: QuantFormat) -> tuple[torch.Tensor, bool]:
+    """``x`` for scale statistics (non-finite zeroed) and whether ``x`` is all finite."""
+    if fmt.nonfinite == "raise":
+        check_finite(x)
+        return x, True
+    finite = torch.isfinite(x)
+    if bool(finite.all()):
+        return x, True
+    return torch.where(finite, x, 0.0), False
 
 
-def _tensor_global_scale(x: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
-    amax = x.abs().amax().float().clamp(min=torch.finfo(torch.float32).tiny)
-    scale_max = E4M3_SCALE.max_value if fmt.scale_format == "e4m3" else 1.0
-    return (fmt.element.max_value * scale_max / amax).reshape(1)
+def _quantize_values(
+    x: torch.Tensor,
+    fmt: QuantFormat,
+    rounding: RoundingMode,
+    generator: torch.Generator | None,
+    global_scale: torch.Tensor | None,
+) -> tuple[torch.Tensor, QTensor]:
+    """Grid values ``q`` (blocked, fp32) and a QTensor without codes (codes = q's blocks)."""
+    if x.dim() != 2:
+        raise ValueError(f"quantize expects a 2-D tensor, got shape {tuple(x.shape)}")
+    x = x.float()
+    stats, finite = _stats_input(x, fmt)
+    block = fmt.granularity.block_shape(*x.shape)
+    sb = to_blocks(stats, block)
+    xb = sb if finite else to_blocks(x, block)
+    gs = None
+    if fmt.global_scale:
+        gs = global_scale.float().reshape(1) if global_scale is not None else None
+        gs = gs if gs is not None else tensor_global_scale(stats, fmt)
+    if not fmt.symmetric:
+        assert isinstance(fmt.element, IntFormat)
+        el = fmt.element
+        lo = torch.clamp(sb.amin(dim=(1, 3)), max=0.0)
+        hi = torch.clamp(sb.amax(dim=(1, 3)), min=0.0)
+        s = (hi - lo) / (el.qmax - el.qmin)
+        scale = encode_scale(torch.where(s > 0, s, torch.ones_like(s)), fmt.scale_format)
+        zp = torch.clamp(torch.round(el.qmin - lo / scale), el.qmin, el.qmax)
+        y = xb / scale[:, None, :, None] + zp[:, None, :, None]
+        q = torch.clamp(round_to_integer(y, rounding, generator), el.qmin, el.qmax) + 0.0
+        zp_codes = zp.to(int_code_dtype(el))
+        return q, QTensor(q, scale, fmt, zero_point=zp_codes)
+    amax = sb.abs().amax(dim=(1, 3))
+    if fmt.clip == "mse":
+        amax = mse_clipped_amax(sb, fmt, amax, gs)
+    stored, eff, cs = symmetric_scales(amax, fmt, gs)
+    q = _round_elements(xb / eff[:, None, :, None], fmt.element, rounding, generator, finite)
+    return q, QTensor(q, stored, fmt, global_scale=gs, channel_scale=cs)
 
 
 def quantize(
@@ -155,47 +148,19 @@ def quantize(
     """Quantize a 2-D tensor ``x`` [R, C] (weights: [out, in]) to ``fmt``.
 
     Args:
-        x: Finite real tensor; NaN/Inf raise ``ValueError``.
+        x: Real tensor; NaN/Inf follow ``fmt.nonfinite``.
         fmt: Target format.
         rounding: ``nearest`` (ties to even) or seeded ``stochastic``.
-        generator: RNG for stochastic rounding.
+        generator: RNG for stochastic rounding (on ``x``'s device).
         global_scale: Override the per-tensor second level (e.g. shared by q/k/v).
     """
-    if x.dim() != 2:
-        raise ValueError(f"quantize expects a 2-D tensor, got shape {tuple(x.shape)}")
-    check_finite(x)
-    x = x.float()
-    block = fmt.granularity.block_shape(*x.shape)
-    xb = _blocked(x, block)
-    gs = None
-    if fmt.global_scale:
-        gs = global_scale if global_scale is not None else _tensor_global_scale(x, fmt)
-    if fmt.symmetric:
-        amax = xb.abs().amax(dim=(1, 3))
-        if fmt.clip == "mse":
-            amax = _mse_clipped_amax(xb, fmt, amax, gs)
-        scale = _symmetric_scales(xb, fmt, amax, gs)
-        s_full = expand_blocks(scale, block, x.shape)
-        q = _round_elements(x / s_full, fmt.element, rounding, generator)
-        zp = None
-    else:
-        assert isinstance(fmt.element, IntFormat)
-        lo = torch.clamp(xb.amin(dim=(1, 3)), max=0.0)
-        hi = torch.clamp(xb.amax(dim=(1, 3)), min=0.0)
-        el = fmt.element
-        scale = (hi - lo) / (el.qmax - el.qmin)
-        scale = encode_scale(torch.where(scale > 0, scale, torch.ones_like(scale)), fmt.scale_format)
-        zp = torch.clamp(torch.round(el.qmin - lo / scale), el.qmin, el.qmax)
-        s_full = expand_blocks(scale, block, x.shape)
-        z_full = expand_blocks(zp, block, x.shape)
-        q = torch.clamp(round_to_integer(x / s_full, rounding, generator) + z_full, el.qmin, el.qmax)
-        zp = zp.to(torch.int8 if el.bits <= 8 else torch.int32)
+    qb, qt = _quantize_values(x, fmt, rounding, generator, global_scale)
+    q = from_blocks(qb, x.shape)
     if isinstance(fmt.element, FloatFormat):
-        codes = encode_float(q, fmt.element)
+        qt.codes = encode_float(q, fmt.element)
     else:
-        codes = q.to(torch.int8 if fmt.element.bits <= 8 else torch.int32)
-    stored = scale * gs if gs is not None else scale
-    return QTensor(codes=codes, scale=stored, fmt=fmt, zero_point=zp, global_scale=gs)
+        qt.codes = q.to(int_code_dtype(fmt.element))
+    return qt
 
 
 def element_values(q: QTensor) -> torch.Tensor:
@@ -212,39 +177,33 @@ def element_values(q: QTensor) -> torch.Tensor:
 def dequantize(q: QTensor) -> torch.Tensor:
     """Decode ``q`` to fp32: ``values * scale`` (``* (scale / global)`` with two levels)."""
     block = q.fmt.granularity.block_shape(*q.shape)
-    scale = q.scale if q.global_scale is None else q.scale / q.global_scale
-    return element_values(q) * expand_blocks(scale, block, q.shape)
+    eff = q.effective_scale()[:, None, :, None]
+    if isinstance(q.fmt.element, FloatFormat):
+        vb = to_blocks(decode_float(q.codes, q.fmt.element), block)
+    else:
+        vb = to_blocks(q.codes.float(), block)
+        if q.zero_point is not None:
+            vb = vb - q.zero_point.float()[:, None, :, None]
+    return from_blocks(vb * eff, q.shape)
 
 
-def fake_quantize(x: torch.Tensor, fmt: QuantFormat, **kwargs: object) -> torch.Tensor:
-    """``dequantize(quantize(x))`` for 2-D ``x``; the dtype of ``x`` is kept."""
-    return dequantize(quantize(x, fmt, **kwargs)).to(x.dtype)  # type: ignore[arg-type]
-
-
-def _mse_clipped_amax(
-    xb: torch.Tensor,
+def fake_quantize(
+    x: torch.Tensor,
     fmt: QuantFormat,
-    amax: torch.Tensor,
-    gs: torch.Tensor | None,
-    grid: int = 20,
-    min_ratio: float = 0.5,
+    *,
+    rounding: RoundingMode = "nearest",
+    generator: torch.Generator | None = None,
+    global_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per block, the clipped ``amax = r * amax`` (``r`` on a grid) with least squared error."""
-    best_err = torch.full_like(amax, float("inf"))
-    best = amax.clone()
-    block = (xb.shape[1], xb.shape[3])
-    for i in range(grid):
-        ratio = 1.0 - (1.0 - min_ratio) * i / max(grid - 1, 1)
-        cand = amax * ratio
-        s = _symmetric_scales(xb, fmt, cand, gs)
-        s4 = s[:, None, :, None]
-        q = _round_elements(xb / s4, fmt.element, "nearest", None) * s4
-        err = (q - xb).pow(2).sum(dim=(1, 3))
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best = torch.where(better, cand, best)
-    del block
-    return best
+    """``dequantize(quantize(x))`` for 2-D ``x`` without building codes; dtype kept.
+
+    Bit-identical to the two-step path (the grid values are exact in fp32).
+    """
+    qb, qt = _quantize_values(x, fmt, rounding, generator, global_scale)
+    eff = qt.effective_scale()[:, None, :, None]
+    if qt.zero_point is not None:
+        qb = qb.sub(qt.zero_point.float()[:, None, :, None])
+    return from_blocks(qb.mul_(eff), x.shape).to(x.dtype)
 
 
 def per_token(element: ElementFormat) -> QuantFormat:

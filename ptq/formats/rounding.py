@@ -12,6 +12,12 @@ from typing import Literal
 import torch
 
 RoundingMode = Literal["nearest", "stochastic"]
+NonFinitePolicy = Literal["raise", "propagate"]
+"""What quantization does with NaN/Inf input: ``raise`` a ``ValueError`` (default), or
+``propagate`` them as the element format's NaN/Inf codes (an error for formats that have
+none). Never silently turned into a number."""
+
+NONFINITE_POLICIES: tuple[NonFinitePolicy, ...] = ("raise", "propagate")
 
 
 def round_to_integer(
@@ -22,7 +28,7 @@ def round_to_integer(
         return torch.round(x)
     if mode == "stochastic":
         noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        return torch.floor(x + noise)
+        return noise.add_(x).floor_()
     raise ValueError(f"unknown rounding mode {mode!r}; choose 'nearest' or 'stochastic'")
 
 
@@ -30,4 +36,7 @@ def check_finite(x: torch.Tensor, what: str = "tensor") -> None:
     """Raise ``ValueError`` if ``x`` holds NaN or Inf (the default non-finite policy)."""
     if not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).sum())
-        raise ValueError(f"{what} contains {bad} NaN/Inf value(s); quantization needs finite input")
+        raise ValueError(
+            f"{what} contains {bad} NaN/Inf value(s); quantization needs finite input "
+            "(or nonfinite='propagate' with a format that encodes NaN)"
+        )

@@ -1,0 +1,161 @@
+"""The Python API: ``ptq.quantize(model, scheme, ...)`` and the run behind ``ptq quantize``.
+
+Example:
+    >>> import ptq
+    >>> result = ptq.quantize("default", "w4a16", output="out", evaluate=True)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ptq.errors import PtqInputError, PtqUsageError
+from ptq.evaluate import perplexity, tokenize_eval_text
+from ptq.models.paths import default_eval_file
+from ptq.models.source import ModelSource, load_fp_model, resolve_model
+from ptq.output import atomic_output_dir, check_output_dir
+from ptq.pipeline import Pass, PassContext, Pipeline, QuantState
+from ptq.plan import QuantPlan, build_plan
+from ptq.scheme import Scheme, get_scheme
+
+
+@dataclass(frozen=True, kw_only=True)
+class CalibrationConfig:
+    """Where calibration tokens come from."""
+
+    path: Path | None = None
+    samples: int = 128
+    seqlen: int = 512
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    """Perplexity evaluation on held-out text."""
+
+    text: Path | None = None
+    tokens: int = 4096
+    seqlen: int = 512
+
+
+@dataclass
+class QuantizeResult:
+    """What a run produced."""
+
+    model: nn.Module
+    plan: QuantPlan
+    output: Path | None
+    fp_ppl: float | None = None
+    quant_ppl: float | None = None
+    seconds: float = 0.0
+    records: dict[str, Any] = field(default_factory=dict)
+
+
+def default_pipeline(method: str = "rtn") -> Pipeline:
+    from ptq.passes.registry import make_weight_pass
+
+    return Pipeline([make_weight_pass(method)])
+
+
+def _as_scheme(scheme: Scheme | str) -> Scheme:
+    if isinstance(scheme, Scheme):
+        return scheme
+    try:
+        return get_scheme(scheme)
+    except ValueError as exc:
+        raise PtqUsageError(str(exc)) from None
+
+
+def quantize(
+    model: str | Path | ModelSource,
+    scheme: Scheme | str,
+    *,
+    output: str | Path | None = None,
+    pipeline: Pipeline | list[Pass] | None = None,
+    calibration: CalibrationConfig | None = None,
+    evaluate: EvalConfig | bool = False,
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+    trust_remote_code: bool = False,
+    log: Any = print,
+) -> QuantizeResult:
+    """Quantize ``model`` with ``scheme``; optionally evaluate and export.
+
+    Args:
+        model: ``"default"``, a Hugging Face folder, a ``.gguf`` file or a resolved source.
+        scheme: A :class:`~ptq.scheme.Scheme` or a preset name (``w4a8`` ...).
+        output: Folder for the compressed-tensors checkpoint (written atomically).
+        pipeline: Passes to run (default: round-to-nearest).
+        calibration: Calibration data settings (used when a pass needs data).
+        evaluate: Print FP and quantized perplexity on held-out text.
+        seed: Seed for calibration sampling and every pass.
+        overwrite: Replace an existing ``output``.
+        progress: Show progress bars.
+        trust_remote_code: Allow code from the model folder to run.
+        log: Where human-readable messages go.
+    """
+    start = time.perf_counter()
+    out = Path(output) if output is not None else None
+    if out is not None:
+        check_output_dir(out, overwrite)
+    scheme = _as_scheme(scheme)
+    source = model if isinstance(model, ModelSource) else resolve_model(model, quiet=not progress)
+    if source.is_quantized:
+        raise PtqInputError(f"{source.path} is already quantized; give the floating-point model")
+    fp_model, tokenizer = load_fp_model(source, trust_remote_code=trust_remote_code)
+    pipe = (
+        pipeline
+        if isinstance(pipeline, Pipeline)
+        else Pipeline(pipeline or default_pipeline().passes)
+    )
+    try:
+        plan = build_plan(fp_model, scheme)
+    except ValueError as exc:
+        raise PtqUsageError(str(exc)) from None
+    for note in plan.notes:
+        log(f"note: {note}")
+    eval_cfg = EvalConfig() if evaluate is True else (evaluate or None)
+    eval_ids = None
+    result = QuantizeResult(model=fp_model, plan=plan, output=out)
+    if eval_cfg is not None:
+        if tokenizer is None:
+            raise PtqInputError(f"{source.path} has no tokenizer; cannot evaluate perplexity")
+        eval_ids = tokenize_eval_text(
+            tokenizer, eval_cfg.text or default_eval_file(), eval_cfg.tokens
+        )
+        result.fp_ppl = perplexity(
+            fp_model, eval_ids, seqlen=eval_cfg.seqlen, progress=progress, desc="eval fp"
+        )
+        log(f"FP perplexity: {result.fp_ppl:.4f} ({eval_ids.numel()} tokens)")
+    ctx = PassContext(seed=seed, progress=progress)
+    if pipe.needs_calibration or (scheme.activation is not None and not scheme.activation.dynamic):
+        from ptq.calibration.text import calibration_batches
+
+        cal = calibration or CalibrationConfig()
+        if tokenizer is None:
+            raise PtqInputError(f"{source.path} has no tokenizer; cannot tokenize calibration text")
+        ctx.calibration = calibration_batches(
+            tokenizer, path=cal.path, n_samples=cal.samples, seqlen=cal.seqlen, seed=seed
+        )
+    pipe.run(QuantState(model=fp_model, plan=plan, tokenizer=tokenizer), ctx)
+    result.records = ctx.records
+    if eval_ids is not None and eval_cfg is not None:
+        result.quant_ppl = perplexity(
+            fp_model, eval_ids, seqlen=eval_cfg.seqlen, progress=progress, desc="eval quant"
+        )
+        log(f"quantized perplexity: {result.quant_ppl:.4f} (scheme {scheme.name})")
+    if out is not None:
+        from ptq.exporters.safetensors_export import export_compressed_tensors
+
+        with atomic_output_dir(out, overwrite) as tmp:
+            export_compressed_tensors(
+                fp_model, plan, source.path, source.config, tmp, records=ctx.records
+            )
+        log(f"wrote {out}")
+    result.seconds = time.perf_counter() - start
+    return result

@@ -1,0 +1,272 @@
+"""The ``ptq`` command line: quantize, eval, plan, formats.
+
+Every deliberate error (:class:`~ptq.errors.PtqError`) prints one line naming the
+problem and the fix and exits with code 2; no traceback, no partial output.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ptq.errors import PtqError, PtqUsageError
+
+SCHEME_FLAGS = ("w4a16", "w4a8", "w8a8", "fp8", "w8a16")
+
+
+def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except PtqError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted; no output was written", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def _quiet_libraries(quiet: bool) -> None:
+    """Silence transformers' own progress bars and warnings when ``-q`` is given."""
+    if quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+
+
+def scheme_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The scheme flags shared by ``quantize`` and ``plan``."""
+    for name in reversed(SCHEME_FLAGS):
+        fn = click.option(
+            f"--{name}",
+            "scheme_flags",
+            flag_value=name,
+            multiple=True,
+            help=f"Scheme preset {name}.",
+        )(fn)
+    fn = click.option("--scheme", "scheme_name", default=None, help="Scheme preset by name.")(fn)
+    fn = click.option(
+        "--weight-format",
+        default=None,
+        help="Override the weight format (a preset name, see `ptq formats`).",
+    )(fn)
+    fn = click.option(
+        "--group-size",
+        type=int,
+        default=None,
+        help="Explicit group size (must divide every layer).",
+    )(fn)
+    fn = click.option(
+        "--act-format", default=None, help="Override activations: none, fp8, int8, fp8_e5m2, ..."
+    )(fn)
+    fn = click.option(
+        "--ignore",
+        multiple=True,
+        help="Module names or re:REGEX left unquantized (default: lm_head).",
+    )(fn)
+    return fn
+
+
+def build_scheme(
+    scheme_flags: tuple[str, ...],
+    scheme_name: str | None,
+    weight_format: str | None,
+    group_size: int | None,
+    act_format: str | None,
+    ignore: tuple[str, ...],
+) -> Any:
+    from ptq.scheme import get_activation, get_scheme
+
+    chosen = list(dict.fromkeys(scheme_flags)) + ([scheme_name] if scheme_name else [])
+    if len(chosen) > 1:
+        raise PtqUsageError(f"choose one scheme, got {', '.join(chosen)}")
+    if not chosen and weight_format is None:
+        raise PtqUsageError("choose a scheme: --w4a16, --w4a8, --w8a8, --fp8 (or --scheme NAME)")
+    try:
+        scheme = get_scheme(chosen[0] if chosen else "w4a16")
+        weight = None
+        if weight_format is not None:
+            from ptq.formats.presets import get_preset
+
+            weight = get_preset(weight_format)
+        kwargs: dict[str, Any] = {"weight": weight, "group_size": group_size}
+        if act_format is not None:
+            kwargs["activation"] = get_activation(act_format)
+        if ignore:
+            kwargs["ignore"] = ignore
+        return scheme.with_overrides(**kwargs)
+    except ValueError as exc:
+        raise PtqUsageError(str(exc)) from None
+
+
+@click.group()
+@click.version_option(package_name="ptq")
+def main() -> None:
+    """ptq: post-training quantization compiler for PyTorch models."""
+
+
+@main.command()
+@click.argument("model", default="default")
+@click.option(
+    "-o", "--output", type=click.Path(path_type=Path), required=True, help="Output folder."
+)
+@scheme_options
+@click.option("--method", default="rtn", show_default=True, help="Weight rounding method.")
+@click.option(
+    "--calib",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Calibration text (.txt or .jsonl with 'text').",
+)
+@click.option("--calib-samples", type=int, default=128, show_default=True)
+@click.option("--calib-seqlen", type=int, default=512, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--eval", "do_eval", is_flag=True, help="Print FP and quantized perplexity on held-out text."
+)
+@click.option(
+    "--eval-text",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Held-out text (default: 1911 Britannica prose).",
+)
+@click.option("--eval-tokens", type=int, default=4096, show_default=True)
+@click.option("--seqlen", type=int, default=512, show_default=True, help="Evaluation window.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow code from the model folder to run.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@_friendly
+def quantize(
+    model: str,
+    output: Path,
+    method: str,
+    calib: Path | None,
+    calib_samples: int,
+    calib_seqlen: int,
+    seed: int,
+    do_eval: bool,
+    eval_text: Path | None,
+    eval_tokens: int,
+    seqlen: int,
+    overwrite: bool,
+    trust_remote_code: bool,
+    quiet: bool,
+    **scheme_kw: Any,
+) -> None:
+    """Quantize MODEL (a HF folder, a .gguf file, or 'default') into OUTPUT."""
+    from ptq.api import CalibrationConfig, EvalConfig
+    from ptq.api import quantize as run
+
+    _quiet_libraries(quiet)
+    from ptq.passes.registry import make_weight_pass
+
+    scheme = build_scheme(**scheme_kw)
+    try:
+        weight_pass = make_weight_pass(method)
+    except ValueError as exc:
+        raise PtqUsageError(str(exc)) from None
+    result = run(
+        model,
+        scheme,
+        output=output,
+        pipeline=[weight_pass],
+        calibration=CalibrationConfig(path=calib, samples=calib_samples, seqlen=calib_seqlen),
+        evaluate=EvalConfig(text=eval_text, tokens=eval_tokens, seqlen=seqlen)
+        if do_eval
+        else False,
+        seed=seed,
+        overwrite=overwrite,
+        progress=not quiet,
+        trust_remote_code=trust_remote_code,
+        log=click.echo,
+    )
+    if result.fp_ppl is not None and result.quant_ppl is not None:
+        click.echo(
+            f"perplexity FP {result.fp_ppl:.4f} -> {scheme.name} {result.quant_ppl:.4f} "
+            f"(x{result.quant_ppl / result.fp_ppl:.4f})"
+        )
+    click.echo(f"done in {result.seconds:.1f} s")
+
+
+@main.command("eval")
+@click.argument("model")
+@click.option(
+    "--text",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Held-out text (default: 1911 Britannica prose).",
+)
+@click.option("--eval-tokens", type=int, default=4096, show_default=True)
+@click.option("--seqlen", type=int, default=512, show_default=True)
+@click.option("--trust-remote-code", is_flag=True)
+@click.option("-q", "--quiet", is_flag=True)
+@_friendly
+def eval_cmd(
+    model: str,
+    text: Path | None,
+    eval_tokens: int,
+    seqlen: int,
+    trust_remote_code: bool,
+    quiet: bool,
+) -> None:
+    """Perplexity of MODEL (FP or a ptq output) on held-out text."""
+    from ptq.errors import PtqInputError
+    from ptq.evaluate import perplexity, tokenize_eval_text
+    from ptq.models.paths import default_eval_file
+    from ptq.models.quantized_loader import load_quantized_model
+    from ptq.models.source import load_fp_model, resolve_model
+
+    _quiet_libraries(quiet)
+    source = resolve_model(model, quiet=quiet)
+    if source.is_quantized:
+        net, tokenizer = load_quantized_model(source.path, trust_remote_code=trust_remote_code)
+    else:
+        net, tokenizer = load_fp_model(source, trust_remote_code=trust_remote_code)
+    if tokenizer is None:
+        raise PtqInputError(f"{source.path} has no tokenizer files")
+    ids = tokenize_eval_text(tokenizer, text or default_eval_file(), eval_tokens)
+    ppl = perplexity(net, ids, seqlen=seqlen, progress=not quiet)
+    click.echo(f"perplexity: {ppl:.4f} ({ids.numel()} tokens, seqlen {seqlen})")
+
+
+@main.command()
+@click.argument("model", default="default")
+@scheme_options
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@click.option("--trust-remote-code", is_flag=True)
+@_friendly
+def plan(model: str, as_json: bool, trust_remote_code: bool, **scheme_kw: Any) -> None:
+    """Show what will (and will not) be quantized, layer by layer."""
+    from ptq.models.source import load_fp_model, resolve_model
+    from ptq.plan import build_plan
+
+    scheme = build_scheme(**scheme_kw)
+    source = resolve_model(model, quiet=True)
+    net, _ = load_fp_model(source, trust_remote_code=trust_remote_code)
+    try:
+        the_plan = build_plan(net, scheme)
+    except ValueError as exc:
+        raise PtqUsageError(str(exc)) from None
+    if as_json:
+        click.echo(the_plan.to_json())
+        return
+    for note in the_plan.notes:
+        click.echo(f"note: {note}")
+    rows = the_plan.summary_rows()
+    width = max(len(r[0]) for r in rows)
+    for name, w, a, method in rows:
+        click.echo(f"{name:<{width}}  {w:<16} {a:<24} {method}")
+    click.echo(f"{len(the_plan.layers)} quantized, {len(the_plan.skipped)} skipped")
+
+
+if __name__ == "__main__":
+    main()

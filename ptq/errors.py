@@ -1,0 +1,22 @@
+"""Exception types that the CLI maps to exit codes.
+
+``PtqError`` is the base of every error ptq raises on purpose. The CLI prints its
+message (one line that names the file, layer or option and the fix) and exits with
+code 2 instead of showing a traceback (DESIGN.md, invariant 6).
+"""
+
+from __future__ import annotations
+
+__all__ = ["PtqError", "PtqInputError", "PtqUsageError"]
+
+
+class PtqError(Exception):
+    """Base class of every deliberate ptq error."""
+
+
+class PtqInputError(PtqError):
+    """Bad user input: a missing, corrupt or hostile file, config or calibration set."""
+
+
+class PtqUsageError(PtqError):
+    """Bad options: an unknown flag value or a combination that cannot work."""

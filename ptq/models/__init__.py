@@ -1,0 +1,1 @@
+"""Model sources: Hugging Face folders, GGUF files and the embedded default model."""

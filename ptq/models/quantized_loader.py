@@ -1,0 +1,87 @@
+"""Load a ptq/compressed-tensors output folder back into an emulated PyTorch model.
+
+Each quantized Linear is rebuilt as a :class:`~ptq.qlinear.QuantLinear` from its packed
+tensors (so evaluation runs exactly the artifact's numerics); the other weights load as
+stored. Formats come from ``ptq_plan.json`` when present (exact), else from the
+``quantization_config`` arguments.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ptq.errors import PtqInputError
+from ptq.formats.ct_layout import ct_format_name, from_compressed_tensors
+from ptq.formats.ptq_layout import from_ptq_layout
+from ptq.io.safetensors_reader import SafetensorsIndex
+from ptq.plan import QuantPlan
+from ptq.qlinear import QuantLinear
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def load_quantized_model(path: Path, *, trust_remote_code: bool = False) -> tuple[nn.Module, Any]:
+    """Rebuild the emulated quantized model and its tokenizer from ``path``."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config_data = json.loads((path / "config.json").read_text())
+    if "quantization_config" not in config_data:
+        raise PtqInputError(f"{path} is not a quantized output (no quantization_config)")
+    plan_file = path / "ptq_plan.json"
+    if not plan_file.is_file():
+        raise PtqInputError(
+            f"{path} has no ptq_plan.json; only ptq outputs can be loaded for emulation"
+        )
+    plan = QuantPlan.from_dict(json.loads(plan_file.read_text()))
+    plain = {k: v for k, v in config_data.items() if k != "quantization_config"}
+    config = AutoConfig.for_model(**plain) if "model_type" in plain else None
+    if config is None:
+        raise PtqInputError(f"{path / 'config.json'} has no model_type")
+    model = AutoModelForCausalLM.from_config(
+        config, dtype=torch.float32, trust_remote_code=trust_remote_code
+    )
+    model.eval()
+    index = SafetensorsIndex(path)
+    for lp in plan:
+        prefix = lp.name + "."
+        local = {k[len(prefix) :]: index.get(k) for k in index.names_with_prefix(prefix)}
+        bias = local.pop("bias", None)
+        input_scale = local.pop("input_scale", None)
+        try:
+            if ct_format_name(lp.weight):
+                q = from_compressed_tensors(local, lp.weight)
+            else:
+                q = from_ptq_layout(local)
+        except (KeyError, ValueError) as exc:
+            raise PtqInputError(f"{path}: layer {lp.name} cannot be decoded: {exc}") from None
+        _replace(model, lp.name, QuantLinear(q, bias, lp.activation, input_scale))
+    quantized = {lp.name + "." for lp in plan}
+    state = {k: index.get(k) for k in index.keys() if not k.startswith(tuple(quantized))}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    real_missing = [
+        k
+        for k in missing
+        if not k.startswith(tuple(quantized))
+        and not (k == "lm_head.weight" and config.tie_word_embeddings)
+    ]
+    if real_missing or unexpected:
+        raise PtqInputError(
+            f"{path}: weights do not match the config (missing {real_missing[:5]}, "
+            f"unexpected {unexpected[:5]})"
+        )
+    if getattr(config, "tie_word_embeddings", False) and "lm_head" not in plan.layers:
+        model.tie_weights()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception:
+        tokenizer = None
+    return model, tokenizer

