@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from ptq.exporters.ct_config import build_quantization_config
-from ptq.formats.ct_layout import ct_format_name, to_compressed_tensors
-from ptq.formats.ptq_layout import to_ptq_layout
 from safetensors.torch import save_file
 from torch import nn
 
 from ptq.errors import PtqError
+from ptq.exporters.ct_config import build_quantization_config
+from ptq.formats.ct_layout import ct_format_name, to_compressed_tensors
+from ptq.formats.ptq_layout import to_ptq_layout
 from ptq.plan import QuantPlan
 from ptq.qlinear import QuantLinear
 
@@ -46,6 +46,9 @@ def quantized_tensors(module: QuantLinear) -> dict[str, torch.Tensor]:
     out = dict(to_compressed_tensors(q) if ct_format_name(q.fmt) else to_ptq_layout(q))
     if module.bias is not None:
         out["bias"] = module.bias.detach()
+    if module.lorc_u is not None and module.lorc_v is not None:
+        out["weight_lorc_u"] = module.lorc_u.detach()
+        out["weight_lorc_v"] = module.lorc_v.detach()
     if module.input_scale is not None:
         out["input_scale"] = module.input_scale.detach().float().reshape(1)
     return out

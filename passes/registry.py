@@ -8,12 +8,13 @@ from ptq.pipeline import Pass
 
 
 def _weight_passes() -> dict[str, Any]:
+    from ptq.passes.gptq import GPTQPass, GPTQPassConfig
     from ptq.passes.rtn import RTNConfig, RTNPass
 
-    return {"rtn": (RTNPass, RTNConfig)}
+    return {"rtn": (RTNPass, RTNConfig), "gptq": (GPTQPass, GPTQPassConfig)}
 
 
-WEIGHT_METHODS = ("rtn",)
+WEIGHT_METHODS = ("rtn", "gptq")
 
 
 def make_weight_pass(method: str, **options: Any) -> Pass:

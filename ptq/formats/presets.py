@@ -134,3 +134,8 @@ def bits_per_weight(fmt: QuantFormat, rows: int, cols: int) -> float:
 def nominal_bits_per_weight(fmt: QuantFormat) -> float:
     """Bits per weight of a large (4096 x 4096) matrix."""
     return bits_per_weight(fmt, *NOMINAL_SHAPE)
+
+
+def get_preset(name: str) -> QuantFormat:
+    """Alias of :func:`preset` (the name the CLI uses)."""
+    return preset(name)

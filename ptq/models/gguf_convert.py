@@ -33,7 +33,7 @@ def convert_gguf(gguf: Path, target: Path | None = None, *, quiet: bool = False)
         return target
     from ptq.io.gguf_checks import check_gguf_file
 
-    check_gguf_file(gguf)
+    check_gguf_file(gguf, deep=False)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 

@@ -56,6 +56,8 @@ def load_quantized_model(path: Path, *, trust_remote_code: bool = False) -> tupl
         local = {k[len(prefix) :]: index.get(k) for k in index.names_with_prefix(prefix)}
         bias = local.pop("bias", None)
         input_scale = local.pop("input_scale", None)
+        lorc_u, lorc_v = local.pop("weight_lorc_u", None), local.pop("weight_lorc_v", None)
+        lorc = (lorc_u, lorc_v) if lorc_u is not None and lorc_v is not None else None
         try:
             if ct_format_name(lp.weight):
                 q = from_compressed_tensors(local, lp.weight)
@@ -63,9 +65,9 @@ def load_quantized_model(path: Path, *, trust_remote_code: bool = False) -> tupl
                 q = from_ptq_layout(local)
         except (KeyError, ValueError) as exc:
             raise PtqInputError(f"{path}: layer {lp.name} cannot be decoded: {exc}") from None
-        _replace(model, lp.name, QuantLinear(q, bias, lp.activation, input_scale))
+        _replace(model, lp.name, QuantLinear(q, bias, lp.activation, input_scale, lorc))
     quantized = {lp.name + "." for lp in plan}
-    state = {k: index.get(k) for k in index.keys() if not k.startswith(tuple(quantized))}
+    state = {k: index.get(k) for k in index if not k.startswith(tuple(quantized))}
     missing, unexpected = model.load_state_dict(state, strict=False)
     real_missing = [
         k

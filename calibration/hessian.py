@@ -1,0 +1,91 @@
+"""Streaming accumulation of the layer Hessian ``H = 2 X^T X / n`` used by GPTQ.
+
+For a linear layer ``y = x W^T`` and the layer-wise loss ``||W X^T - Q X^T||^2 / n``,
+the Hessian with respect to each row of ``W`` is ``H = 2 X^T X / n`` (Frantar et al.,
+"GPTQ", 2022, section 3). Calibration inputs arrive batch by batch with any leading
+shape ``[..., K]``; each row (token) is one sample. We keep the raw sum ``X^T X`` and
+the row count and only divide at the end, which is exact in real arithmetic and avoids
+the repeated rescaling of the reference implementation. (That implementation counts
+sequences rather than tokens in ``n``; the two differ by a constant factor, to which
+GPTQ is invariant because its damping is relative to ``mean(diag H)``.)
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class HessianAccumulator:
+    """Accumulates ``sum_i x_i x_i^T`` over calibration rows of one layer input.
+
+    Args:
+        in_features: ``K``, the size of the last input dimension.
+        dtype: Accumulation dtype (``torch.float64`` default, or ``torch.float32``).
+        device: Where the ``[K, K]`` sum lives (defaults to the first batch's device).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        *,
+        dtype: torch.dtype = torch.float64,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if in_features < 1:
+            raise ValueError(f"HessianAccumulator in_features must be >= 1, got {in_features}")
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"HessianAccumulator dtype must be float32 or float64, got {dtype}")
+        self.in_features = in_features
+        self.dtype = dtype
+        self._device = None if device is None else torch.device(device)
+        self._sum: torch.Tensor | None = None
+        self._count = 0
+
+    @property
+    def nsamples(self) -> int:
+        """Number of rows (tokens) accumulated so far."""
+        return self._count
+
+    def update(self, x: torch.Tensor) -> None:
+        """Add a batch of inputs ``x`` [..., K] (every leading index is one sample)."""
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"HessianAccumulator expects inputs [..., {self.in_features}], "
+                f"got shape {tuple(x.shape)}"
+            )
+        rows = x.detach().reshape(-1, self.in_features)
+        if rows.shape[0] == 0:
+            return
+        if not bool(torch.isfinite(rows).all()):
+            raise ValueError("HessianAccumulator got NaN/Inf inputs; check the calibration data")
+        if self._sum is None:
+            device = self._device if self._device is not None else rows.device
+            self._sum = torch.zeros(
+                self.in_features, self.in_features, dtype=self.dtype, device=device
+            )
+        rows = rows.to(device=self._sum.device, dtype=self.dtype)
+        self._sum.addmm_(rows.T, rows)
+        self._count += rows.shape[0]
+
+    def merge(self, other: HessianAccumulator) -> None:
+        """Add another accumulator's samples (e.g. from another data shard)."""
+        if other.in_features != self.in_features:
+            raise ValueError(
+                f"cannot merge Hessians of {other.in_features} and {self.in_features} features"
+            )
+        if other._sum is None:
+            return
+        if self._sum is None:
+            self._sum = torch.zeros_like(other._sum, dtype=self.dtype)
+        self._sum += other._sum.to(device=self._sum.device, dtype=self.dtype)
+        self._count += other._count
+
+    def hessian(self) -> torch.Tensor:
+        """``H = 2 X^T X / n`` [K, K] in the accumulation dtype.
+
+        Raises:
+            ValueError: No samples were accumulated.
+        """
+        if self._sum is None or self._count == 0:
+            raise ValueError("HessianAccumulator has no samples; run calibration data first")
+        return self._sum * (2.0 / self._count)

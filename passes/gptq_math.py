@@ -1,0 +1,287 @@
+"""GPTQ: column-by-column quantization with second-order error feedback.
+
+Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+Transformers" (ICLR 2023), Algorithm 1. For a linear layer with weight ``W`` [N, K] and
+calibration inputs ``X`` [n, K], ``H = 2 X^T X / n`` is the Hessian of the layer-wise
+loss ``||W X^T - Q X^T||^2``. With ``Hinv = (H + lambda I)^-1 = U^T U`` (``U`` upper
+Cholesky, ``lambda = percdamp * mean(diag H)``), each column ``j`` is quantized and its
+error pushed onto the columns not yet quantized::
+
+    q_j   = quant(w_j)
+    Err_j = (w_j - q_j) / U[j, j]
+    W[:, j:] -= Err_j U[j, j:]
+
+The updates are applied lazily per block of ``block_size`` columns (one matrix product
+per block). Options: act-order (columns by ``diag(H)`` descending) with *static* groups
+(scales fixed up front from the original ``W`` so groups stay contiguous and no
+``g_idx`` is needed), and *dynamic* scales (a group's scale is computed from the current,
+error-updated weights when the sweep reaches its first column; the paper's behaviour).
+Any :class:`QuantFormat` works: INT at any granularity, FP8/FP4 minifloats, MXFP4
+(E8M0 per 32), NVFP4 (E4M3 per 16 under a global scale from the whole ``W``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from ptq.formats import QTensor, QuantFormat
+from ptq.formats.rounding import check_finite
+from ptq.passes.quant_with_scales import (
+    BlockScales,
+    block_scales,
+    build_qtensor,
+    dequantize_with_scale,
+    expand_blocks,
+    round_with_scale,
+    tensor_global_scale,
+)
+
+ScaleMode = Literal["static", "dynamic"]
+
+
+class HessianError(ValueError):
+    """The damped Hessian of a layer stayed non positive-definite after all retries."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class GPTQConfig:
+    """GPTQ options.
+
+    Args:
+        block_size: Columns per lazy batch update (paper: 128).
+        percdamp: Damping ``lambda = percdamp * mean(diag H)`` (paper: 0.01).
+        act_order: Quantize columns by decreasing ``diag(H)``.
+        scale_mode: ``static`` (scales from the original ``W``) or ``dynamic``.
+        max_damp_retries: On Cholesky failure multiply the damping by 10 and retry this
+            many times before raising :class:`HessianError`.
+        linalg_dtype: dtype of the Cholesky factorisations (the sweep runs in fp32).
+    """
+
+    block_size: int = 128
+    percdamp: float = 0.01
+    act_order: bool = False
+    scale_mode: ScaleMode = "dynamic"
+    max_damp_retries: int = 4
+    linalg_dtype: torch.dtype = torch.float64
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError(f"GPTQConfig.block_size must be >= 1, got {self.block_size}")
+        if not self.percdamp > 0:
+            raise ValueError(f"GPTQConfig.percdamp must be > 0, got {self.percdamp}")
+        if self.scale_mode not in ("static", "dynamic"):
+            raise ValueError(
+                f"GPTQConfig.scale_mode must be 'static' or 'dynamic', got {self.scale_mode!r}"
+            )
+        if self.max_damp_retries < 0:
+            raise ValueError(
+                f"GPTQConfig.max_damp_retries must be >= 0, got {self.max_damp_retries}"
+            )
+
+
+@dataclass(frozen=True)
+class GPTQStats:
+    """Per-layer figures: ``error = tr((W - Q) H (W - Q)^T)`` with the caller's ``H``."""
+
+    layer_name: str
+    error: float
+    damp: float
+    retries: int
+    dead_columns: int
+    time_s: float
+
+
+@dataclass(frozen=True)
+class GPTQResult:
+    """The quantized weight, its fp32 dequantization (bit-equal to ``qtensor``) and stats."""
+
+    qtensor: QTensor
+    weight: torch.Tensor
+    stats: GPTQStats
+
+
+def inverse_hessian_cholesky(
+    H: torch.Tensor, percdamp: float, max_retries: int, layer_name: str
+) -> tuple[torch.Tensor, float, int]:
+    """Upper Cholesky ``U`` of ``Hinv = (H + lambda I)^-1`` (``Hinv = U^T U``).
+
+    ``lambda`` starts at ``percdamp * mean(diag H)`` and grows tenfold on each failure.
+
+    Returns:
+        ``(U, lambda, retries)``.
+
+    Raises:
+        HessianError: Still not positive definite after ``max_retries`` retries.
+    """
+    base = float(torch.diag(H).mean())
+    if not base > 0:
+        raise HessianError(f"layer {layer_name!r}: Hessian diagonal has mean {base}; need > 0")
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    for retry in range(max_retries + 1):
+        damp = percdamp * base * 10.0**retry
+        L, info = torch.linalg.cholesky_ex(H + damp * eye)
+        if int(info) == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if int(info) == 0 and bool(torch.isfinite(U).all()):
+                return U, damp, retry
+    raise HessianError(
+        f"layer {layer_name!r}: Hessian is not positive definite even with damping "
+        f"{damp:.3g} after {max_retries} retries; collect more calibration samples or "
+        f"raise percdamp"
+    )
+
+
+def _column_groups(cols: int, width: int) -> int:
+    return max(1, -(-cols // width))
+
+
+def gptq_quantize(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    fmt: QuantFormat,
+    *,
+    layer_name: str,
+    config: GPTQConfig | None = None,
+    global_scale: torch.Tensor | None = None,
+) -> GPTQResult:
+    """Quantize ``W`` [N, K] to ``fmt`` with GPTQ given ``H`` [K, K] (``2 X^T X / n``).
+
+    Args:
+        W: Weight, any float dtype (computed in fp32).
+        H: Hessian of the layer inputs (not modified).
+        fmt: Target format.
+        layer_name: Named in errors and stats.
+        config: Options (defaults: block 128, percdamp 0.01, dynamic scales).
+        global_scale: Per-tensor second level to share (e.g. fused q/k/v under NVFP4);
+            by default computed from the whole ``W`` before the sweep.
+
+    Raises:
+        ValueError: Bad shapes, non-finite input, or act-order with dynamic grouped scales.
+        HessianError: The damped Hessian cannot be factorised.
+    """
+    cfg = config or GPTQConfig()
+    start = time.perf_counter()
+    if W.dim() != 2 or H.shape != (W.shape[1], W.shape[1]):
+        raise ValueError(
+            f"layer {layer_name!r}: GPTQ needs W [N, K] and H [K, K], got W {tuple(W.shape)} "
+            f"and H {tuple(H.shape)}"
+        )
+    check_finite(W, f"weight of {layer_name!r}")
+    check_finite(H, f"Hessian of {layer_name!r}")
+    N, K = W.shape
+    block = fmt.granularity.block_shape(N, K)
+    if cfg.act_order and cfg.scale_mode == "dynamic" and _column_groups(K, block[1]) > 1:
+        raise ValueError(
+            f"layer {layer_name!r}: act-order with dynamic per-group scales would need a "
+            f"g_idx; use scale_mode='static' (static groups) or drop act_order"
+        )
+    Wq = W.detach().float().clone()
+    Hd = H.detach().to(cfg.linalg_dtype).clone()
+    dead = torch.diag(Hd) == 0
+    Hd[dead, dead] = 1.0
+    Wq[:, dead] = 0.0
+    gs = global_scale if global_scale is not None else tensor_global_scale(Wq, fmt)
+
+    perm = torch.arange(K, device=W.device)
+    if cfg.act_order:
+        perm = torch.argsort(torch.diag(Hd), descending=True, stable=True)
+    U, damp, retries = inverse_hessian_cholesky(
+        Hd[perm][:, perm], cfg.percdamp, cfg.max_damp_retries, layer_name
+    )
+    if cfg.scale_mode == "static":
+        scales = block_scales(Wq, fmt, global_scale=gs)
+    else:
+        n_row_blocks = _column_groups(N, block[0])
+        stored = torch.ones(n_row_blocks, _column_groups(K, block[1]), device=W.device)
+        zp = None if fmt.symmetric else torch.zeros_like(stored)
+        scales = BlockScales(stored, block, zp, gs)
+    codes = _sweep(Wq[:, perm], U.float(), scales, fmt, perm, cfg)
+    scale_full, zp_full = scales.expand((N, K))
+    deq = dequantize_with_scale(codes, scale_full, zp_full)
+    D = W.detach().to(H.dtype) - deq.to(H.dtype)
+    error = float(((D @ H) * D).sum())
+    stats = GPTQStats(
+        layer_name, error, damp, retries, int(dead.sum()), time.perf_counter() - start
+    )
+    return GPTQResult(build_qtensor(codes, scales, fmt), deq, stats)
+
+
+def _sweep(
+    W: torch.Tensor,
+    U: torch.Tensor,
+    scales: BlockScales,
+    fmt: QuantFormat,
+    perm: torch.Tensor,
+    cfg: GPTQConfig,
+) -> torch.Tensor:
+    """Algorithm 1 on permuted columns; returns grid values ``q`` in the original order.
+
+    ``W`` is updated in place. In dynamic mode ``scales`` (in original column order,
+    with identity ``perm`` or a single column group) is filled as groups start.
+    """
+    N, K = W.shape
+    r, c = scales.block
+    dynamic = cfg.scale_mode == "dynamic"
+    if dynamic:
+        S = torch.ones_like(W)
+        Z = None if scales.zero_point is None else torch.zeros_like(W)
+    else:
+        S_full, Z_full = scales.expand((N, K))
+        S = S_full[:, perm]
+        Z = None if Z_full is None else Z_full[:, perm]
+    codes = torch.zeros_like(W)
+    for i1 in range(0, K, cfg.block_size):
+        i2 = min(i1 + cfg.block_size, K)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            j = i1 + i
+            if dynamic and j % c == 0:
+                end = min(j + c, K)
+                current = _current_columns(W, W1, Err1, U, i1, i, i2, end)
+                g = block_scales(current, fmt, block=(r, c), global_scale=scales.global_scale)
+                scales.stored[:, j // c] = g.stored[:, 0]
+                s_col = expand_blocks(g.effective(), (r, 1), (N, 1))
+                S[:, j:end] = s_col
+                if Z is not None and scales.zero_point is not None and g.zero_point is not None:
+                    scales.zero_point[:, j // c] = g.zero_point[:, 0]
+                    Z[:, j:end] = expand_blocks(g.zero_point, (r, 1), (N, 1))
+            w = W1[:, i]
+            z = None if Z is None else Z[:, j]
+            q = round_with_scale(w, S[:, j], fmt.element, z)
+            codes[:, j] = q
+            err = (w - dequantize_with_scale(q, S[:, j], z)) / U1[i, i]
+            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    out = torch.empty_like(codes)
+    out[:, perm] = codes
+    return out
+
+
+def _current_columns(
+    W: torch.Tensor,
+    W1: torch.Tensor,
+    Err1: torch.Tensor,
+    U: torch.Tensor,
+    i1: int,
+    i: int,
+    i2: int,
+    end: int,
+) -> torch.Tensor:
+    """Error-updated values of columns ``[i1 + i, end)`` mid-sweep.
+
+    Columns inside the current block are up to date in ``W1``; those after it still lack
+    this block's pending lazy update ``Err1[:, :i] U[i1:i1+i, i2:end]``.
+    """
+    inside = W1[:, i : min(end, i2) - i1]
+    if end <= i2:
+        return inside
+    pending = Err1[:, :i] @ U[i1 : i1 + i, i2:end]
+    return torch.cat([inside, W[:, i2:end] - pending], dim=1)

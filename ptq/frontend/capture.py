@@ -1,0 +1,271 @@
+"""Capture a model, or one repeated block of it, as an FX graph.
+
+Capture tries, in order, ``torch.export.export(..., strict=False)`` (ATen graph with
+``nn_module_stack`` metadata and a graph signature mapping placeholders to parameter
+names) and ``torch.fx.symbolic_trace`` (Python-level graph with ``call_module`` and
+``get_attr`` nodes). Each failure is recorded; when both fail the caller falls back to
+a module walk (see :mod:`ptq.frontend.quantizable`).
+
+For decoder LLMs only the repeated blocks matter: blocks are grouped by structural
+signature (parameter names, shapes and module types), and one representative of each
+group is captured with the real ``args``/``kwargs`` it receives during a one-sequence
+forward pass (a pre-hook records them and aborts the pass once every representative
+has been seen). The embedding, final norm and head are found by a module walk, so the
+cost of capture does not grow with depth (an 80-block model costs one block export).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import fx, nn
+
+CaptureMethod = Literal["export", "symbolic_trace"]
+KNOWN_BLOCK_PATHS: tuple[str, ...] = (
+    "model.layers",
+    "model.language_model.layers",
+    "transformer.h",
+    "model.decoder.layers",
+    "gpt_neox.layers",
+    "transformer.blocks",
+    "encoder.layer",
+    "bert.encoder.layer",
+    "layers",
+    "h",
+)
+
+
+@dataclass
+class CapturedGraph:
+    """One captured graph.
+
+    Attributes:
+        graph_module: The FX graph (``ExportedProgram.graph_module`` for ``export``).
+        method: Which capture method succeeded.
+        prefix: Module path of the captured root inside the full model ('' = whole model).
+        params: Graph node name -> parameter name relative to the captured root
+            (placeholders for ``export``, ``get_attr`` targets for ``symbolic_trace``).
+        root: The captured module.
+        failures: Why earlier methods failed, ``"method: message"``.
+    """
+
+    graph_module: fx.GraphModule
+    method: CaptureMethod
+    prefix: str
+    params: dict[str, str]
+    root: nn.Module
+    failures: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Capture:
+    """The result of :func:`capture`.
+
+    Attributes:
+        graphs: Captured graphs, one per block group (or one for the whole model).
+        block_path: Path of the repeated-block ``ModuleList`` (None: whole model).
+        block_groups: Representative block index -> every block index with its structure.
+        failures: Module prefix -> reasons capture failed there (module walk needed).
+    """
+
+    graphs: list[CapturedGraph] = field(default_factory=list)
+    block_path: str | None = None
+    block_groups: dict[int, list[int]] = field(default_factory=dict)
+    failures: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def methods(self) -> dict[str, str]:
+        """Captured prefix -> method used (``export`` or ``symbolic_trace``)."""
+        return {g.prefix: g.method for g in self.graphs}
+
+
+def block_signature(block: nn.Module) -> tuple[Any, ...]:
+    """Structure of a block: module types and parameter shapes by relative name."""
+    mods = tuple((n, type(m).__qualname__) for n, m in block.named_modules())
+    params = tuple((n, tuple(p.shape)) for n, p in block.named_parameters())
+    return (mods, params)
+
+
+def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """Find the ``ModuleList`` of repeated transformer blocks, or None.
+
+    Known paths (``model.layers``, ``transformer.h``, ``model.decoder.layers`` ...) are
+    tried first, then any ``ModuleList`` of >= 2 blocks of one class that holds at least
+    half of the model's parameters. The blocks must share one class and fall into few
+    structural groups (one group, or at most a quarter as many groups as blocks, e.g.
+    hybrid attention models); CNN stages whose blocks mostly differ return None.
+    """
+    total = sum(p.numel() for p in model.parameters()) or 1
+
+    def ok(mlist: nn.Module) -> bool:
+        if not isinstance(mlist, nn.ModuleList) or len(mlist) < 2:
+            return False
+        if len({type(b) for b in mlist}) != 1:
+            return False
+        n_groups = len({block_signature(b) for b in mlist})
+        return n_groups == 1 or 4 * n_groups <= len(mlist)
+
+    for path in KNOWN_BLOCK_PATHS:
+        try:
+            mlist = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if ok(mlist):
+            assert isinstance(mlist, nn.ModuleList)
+            return path, mlist
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and ok(mod):
+            size = sum(p.numel() for p in mod.parameters())
+            if 2 * size >= total and (best is None or size > best[0]):
+                best = (size, name, mod)
+    return None if best is None else (best[1], best[2])
+
+
+class _Stop(Exception):
+    """Raised by the recording hook once every wanted block has been seen."""
+
+
+def record_block_inputs(
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    wanted: list[int],
+    example_inputs: tuple[Any, ...] | Mapping[str, Any],
+) -> dict[int, tuple[tuple[Any, ...], dict[str, Any]]]:
+    """Run ``model`` on ``example_inputs`` and record the args/kwargs of ``wanted`` blocks."""
+    seen: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = {}
+    handles = []
+
+    def make_hook(idx: int) -> Callable[..., None]:
+        def hook(_mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            seen[idx] = (args, _exportable_kwargs(kwargs))
+            if len(seen) == len(wanted):
+                raise _Stop
+
+        return hook
+
+    for idx in wanted:
+        handles.append(blocks[idx].register_forward_pre_hook(make_hook(idx), with_kwargs=True))
+    try:
+        with torch.no_grad():
+            if isinstance(example_inputs, Mapping):
+                model(**example_inputs)
+            else:
+                model(*example_inputs)
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [i for i in wanted if i not in seen]
+    if missing:
+        raise ValueError(f"blocks {missing} were not called during the example forward pass")
+    return seen
+
+
+def _exportable(value: Any) -> bool:
+    if value is None or isinstance(value, torch.Tensor | int | float | bool | str):
+        return True
+    if isinstance(value, tuple | list):
+        return all(_exportable(v) for v in value)
+    return False
+
+
+def _exportable_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Drop kwargs export cannot take (caches and other custom objects)."""
+    return {k: v for k, v in kwargs.items() if _exportable(v)}
+
+
+def default_example_inputs(model: nn.Module, seq_len: int = 8) -> dict[str, Any]:
+    """A one-sequence token batch for a transformers model (ids 1..seq_len, no cache)."""
+    config = getattr(model, "config", None)
+    vocab = int(getattr(config, "vocab_size", 0) or 0)
+    if vocab < 2:
+        raise ValueError(
+            f"{type(model).__name__} has no config.vocab_size; pass example_inputs to capture"
+        )
+    ids = (torch.arange(seq_len) % (vocab - 1) + 1).unsqueeze(0)
+    device = next(iter(model.parameters())).device
+    inputs: dict[str, Any] = {"input_ids": ids.to(device)}
+    if getattr(config, "use_cache", None) is not None:
+        inputs["use_cache"] = False
+    return inputs
+
+
+def capture_module(
+    module: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any] | None = None,
+    *,
+    prefix: str = "",
+    methods: tuple[CaptureMethod, ...] = ("export", "symbolic_trace"),
+) -> CapturedGraph | list[str]:
+    """Capture ``module``; return the graph, or the list of failure reasons."""
+    failures: list[str] = []
+    for method in methods:
+        try:
+            if method == "export":
+                ep = torch.export.export(module, args, kwargs or {}, strict=False)
+                sig = ep.graph_signature
+                params = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
+                gm = ep.graph_module
+            else:
+                gm = fx.symbolic_trace(module)
+                params = {n.name: str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+        except Exception as exc:  # capture failures are data: try the next method
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            failures.append(f"{method}: {type(exc).__name__}: {first[:200]}")
+            continue
+        return CapturedGraph(gm, method, prefix, params, module, failures)
+    return failures
+
+
+def capture(
+    model: nn.Module,
+    example_inputs: tuple[Any, ...] | Mapping[str, Any] | None = None,
+    *,
+    block_wise: bool | None = None,
+    seq_len: int = 8,
+    methods: tuple[CaptureMethod, ...] = ("export", "symbolic_trace"),
+) -> Capture:
+    """Capture ``model`` block-wise (decoder LLMs) or whole.
+
+    Args:
+        model: The model (eval mode is the caller's business).
+        example_inputs: Positional tuple or kwargs mapping for ``model``; defaults to a
+            one-sequence token batch for transformers models.
+        block_wise: Force (True) or forbid (False) block capture; None = auto.
+        seq_len: Tokens in the default example batch.
+        methods: Capture methods to try, in order.
+    """
+    found = find_decoder_blocks(model) if block_wise is not False else None
+    if block_wise and found is None:
+        raise ValueError(f"{type(model).__name__}: no repeated block ModuleList found")
+    inputs = default_example_inputs(model, seq_len) if example_inputs is None else example_inputs
+    result = Capture()
+    if found is None:
+        args, kwargs = ((), dict(inputs)) if isinstance(inputs, Mapping) else (tuple(inputs), {})
+        got = capture_module(model, args, kwargs, methods=methods)
+        if isinstance(got, list):
+            result.failures[""] = got
+        else:
+            result.graphs.append(got)
+        return result
+    path, blocks = found
+    result.block_path = path
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, block in enumerate(blocks):
+        groups.setdefault(block_signature(block), []).append(i)
+    result.block_groups = {members[0]: members for members in groups.values()}
+    recorded = record_block_inputs(model, blocks, sorted(result.block_groups), inputs)
+    for rep, (args, kwargs) in sorted(recorded.items()):
+        prefix = f"{path}.{rep}"
+        got = capture_module(blocks[rep], args, kwargs, prefix=prefix, methods=methods)
+        if isinstance(got, list):
+            result.failures[prefix] = got
+        else:
+            result.graphs.append(got)
+    return result
