@@ -174,7 +174,10 @@ def gptq_quantize(
     check_finite(W, f"weight of {layer_name!r}")
     check_finite(H, f"Hessian of {layer_name!r}")
     N, K = W.shape
-    block = fmt.granularity.block_shape(N, K)
+    try:
+        block = fmt.granularity.block_shape(N, K)
+    except ValueError as err:
+        raise ValueError(f"layer {layer_name!r} [{N}, {K}]: {err}") from err
     if cfg.act_order and cfg.scale_mode == "dynamic" and _column_groups(K, block[1]) > 1:
         raise ValueError(
             f"layer {layer_name!r}: act-order with dynamic per-group scales would need a "

@@ -66,7 +66,8 @@ class LayerwisePass(Pass):
                 return
             assert isinstance(layer, nn.Linear)
             lp = plan.layers[name]
-            qt, bias, record = self.quantize_layer(name, layer, lp, stats, ctx)
+            with torch.enable_grad():  # the runner holds no_grad; optimisers need autograd
+                qt, bias, record = self.quantize_layer(name, layer, lp, stats, ctx)
             record["method"] = self.name
             records[name] = record
             last[0] = (

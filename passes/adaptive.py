@@ -1,0 +1,98 @@
+"""AdaRound and AdaQuant as passes over the block-wise runner.
+
+Each layer is optimised on its cached calibration inputs (the outputs of the already
+quantized earlier layers, so errors do not accumulate unseen) against the FP layer's
+outputs on the same inputs. Maths: :mod:`adaround_math` (Nagel et al., 2020) and
+:mod:`adaquant_math` (Hubara et al., 2021).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ptq.calibration.runner import LayerStats, StatsRequest
+from ptq.formats import QTensor
+from ptq.passes.adaquant_math import AdaQuantConfig, adaquant_layer
+from ptq.passes.adaround_math import AdaRoundConfig, adaround_layer
+from ptq.passes.layerwise import LayerwisePass, output_error
+from ptq.pipeline import PassContext
+from ptq.plan import LayerPlan
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdaRoundPassConfig(AdaRoundConfig):
+    """AdaRound options plus how many calibration rows (tokens) to cache per layer."""
+
+    input_rows: int = 2048
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdaQuantPassConfig(AdaQuantConfig):
+    """AdaQuant options plus how many calibration rows (tokens) to cache per layer."""
+
+    input_rows: int = 2048
+
+
+def _base(cfg: Any, base: type) -> Any:
+    return base(**{f.name: getattr(cfg, f.name) for f in fields(base)})
+
+
+class AdaRoundPass(LayerwisePass):
+    """Learned up/down rounding per layer (rectified sigmoid, annealed regulariser)."""
+
+    name: ClassVar[str] = "adaround"
+
+    def __init__(self, config: AdaRoundPassConfig | None = None) -> None:
+        self.config = config or AdaRoundPassConfig()
+
+    def stats_request(self) -> StatsRequest:
+        return StatsRequest(input_rows=self.config.input_rows)
+
+    def quantize_layer(
+        self, name: str, layer: nn.Linear, plan: LayerPlan, stats: LayerStats, ctx: PassContext
+    ) -> tuple[QTensor, torch.Tensor | None, dict[str, Any]]:
+        x = stats.input_rows()
+        w = layer.weight.detach().float()
+        res = adaround_layer(
+            w, x, plan.weight, bias=layer.bias, config=_base(self.config, AdaRoundConfig)
+        )
+        record = {
+            "rel_output_error": output_error(w, res.weight, x),
+            "loss_start": res.loss_start,
+            "loss_end": res.loss_end,
+            "non_binary_fraction": res.non_binary_fraction(),
+            "seconds": res.time_s,
+        }
+        return res.qtensor, None, record
+
+
+class AdaQuantPass(LayerwisePass):
+    """Per-layer optimisation of weights, scales and bias for output MSE."""
+
+    name: ClassVar[str] = "adaquant"
+
+    def __init__(self, config: AdaQuantPassConfig | None = None) -> None:
+        self.config = config or AdaQuantPassConfig()
+
+    def stats_request(self) -> StatsRequest:
+        return StatsRequest(input_rows=self.config.input_rows)
+
+    def quantize_layer(
+        self, name: str, layer: nn.Linear, plan: LayerPlan, stats: LayerStats, ctx: PassContext
+    ) -> tuple[QTensor, torch.Tensor | None, dict[str, Any]]:
+        x = stats.input_rows()
+        w = layer.weight.detach().float()
+        res = adaquant_layer(
+            w, x, plan.weight, bias=layer.bias, config=_base(self.config, AdaQuantConfig)
+        )
+        record = {
+            "rel_output_error": output_error(w, res.weight, x),
+            "loss_start": res.loss_start,
+            "loss_end": res.loss_end,
+            "seconds": res.time_s,
+        }
+        return res.qtensor, res.bias, record

@@ -1,0 +1,59 @@
+"""Mixed-precision bit allocation by integer programming (Hubara et al., 2020).
+
+Measure ``dL[layer, candidate]`` once into a :class:`SensitivityTable`, build an
+:class:`AllocationProblem` with the candidates' exact byte (or latency) costs and any
+constraints, then :func:`solve_ilp` for a budget such as ``"4.5bits"`` or ``"70MB"``.
+The resulting :class:`Allocation` maps each layer to a candidate name.
+"""
+
+from ptq.passes.allocation.budget import Budget, parse_budget
+from ptq.passes.allocation.candidates import (
+    Candidate,
+    LatencyModel,
+    candidate_bytes,
+    tensor_bytes,
+)
+from ptq.passes.allocation.problem import (
+    AllocationProblem,
+    allowed_by_pattern,
+    at_least_bits,
+    build_problem,
+)
+from ptq.passes.allocation.registry import default_format, parse_candidate, parse_candidates
+from ptq.passes.allocation.report import ReportFiles, write_report
+from ptq.passes.allocation.sensitivity import SensitivityTable
+from ptq.passes.allocation.solver import (
+    Allocation,
+    InfeasibleBudgetError,
+    resolve_budget,
+    solve_greedy,
+    solve_ilp,
+    sweep,
+    uniform_allocations,
+)
+
+__all__ = [
+    "Allocation",
+    "AllocationProblem",
+    "Budget",
+    "Candidate",
+    "InfeasibleBudgetError",
+    "LatencyModel",
+    "ReportFiles",
+    "SensitivityTable",
+    "allowed_by_pattern",
+    "at_least_bits",
+    "build_problem",
+    "candidate_bytes",
+    "default_format",
+    "parse_budget",
+    "parse_candidate",
+    "parse_candidates",
+    "resolve_budget",
+    "solve_greedy",
+    "solve_ilp",
+    "sweep",
+    "tensor_bytes",
+    "uniform_allocations",
+    "write_report",
+]

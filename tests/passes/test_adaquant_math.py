@@ -1,0 +1,95 @@
+"""AdaQuant maths: STE weight/scale/bias tuning beats RTN; bias and gain corrections."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from ptq.formats import FP4_E2M1, INT4, PerGroup, QuantFormat, dequantize, fake_quantize, quantize
+from ptq.formats.scales import encode_scale
+from ptq.passes.adaquant_math import (
+    AdaQuantConfig,
+    adaquant_layer,
+    bias_correction,
+    gain_correction,
+)
+
+INT4_G32 = QuantFormat(INT4, PerGroup(32))
+NVFP4 = QuantFormat(FP4_E2M1, PerGroup(16), scale_format="e4m3", global_scale=True)
+MXFP4 = QuantFormat(FP4_E2M1, PerGroup(32), scale_format="e8m0", scale_rule="mx")
+CFG = AdaQuantConfig(iterations=200, batch_size=128)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny tensors: intra-op threads only add contention on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_problem(n: int = 32, k: int = 128, rows: int = 512, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    b = torch.randn(n, generator=g)
+    x = torch.randn(rows, 8, generator=g) @ torch.randn(8, k, generator=g)
+    return w, b, x + 0.1 * torch.randn(rows, k, generator=g)
+
+
+@pytest.mark.parametrize("fmt", [INT4_G32, NVFP4, MXFP4], ids=["int4", "nvfp4", "mxfp4"])
+def test_adaquant_beats_rtn(fmt: QuantFormat) -> None:
+    w, b, x = make_problem()
+    result = adaquant_layer(w, x, fmt, bias=b, config=CFG)
+    target = x @ w.T + b
+    ours = (x @ result.weight.T + result.bias - target).norm()
+    rtn = (x @ fake_quantize(w, fmt).T + b - target).norm()
+    assert ours < 0.8 * rtn
+    assert result.loss_end < result.loss_start
+    assert torch.equal(
+        dequantize(result.qtensor).view(torch.int32), result.weight.view(torch.int32)
+    )
+
+
+def test_scales_stay_on_their_grids() -> None:
+    w, b, x = make_problem(16, 64, 256)
+    nv = adaquant_layer(w, x, NVFP4, bias=b, config=AdaQuantConfig(iterations=50))
+    assert torch.equal(nv.qtensor.scale, encode_scale(nv.qtensor.scale, "e4m3"))
+    assert not torch.equal(nv.qtensor.scale, quantize(w, NVFP4).scale)  # scales were learned
+    mx = adaquant_layer(w, x, MXFP4, config=AdaQuantConfig(iterations=20))
+    assert torch.equal(mx.qtensor.scale, quantize(w, MXFP4).scale)  # E8M0 scales are kept
+
+
+def test_seeded_runs_are_identical() -> None:
+    w, b, x = make_problem(16, 64, 256)
+    cfg = AdaQuantConfig(iterations=40, seed=3)
+    a = adaquant_layer(w, x, INT4_G32, bias=b, config=cfg)
+    c = adaquant_layer(w, x, INT4_G32, bias=b, config=cfg)
+    assert torch.equal(a.qtensor.codes, c.qtensor.codes)
+    assert a.bias is not None and c.bias is not None
+    assert torch.equal(a.bias, c.bias)
+
+
+def test_bias_correction_matches_means() -> None:
+    g = torch.Generator().manual_seed(0)
+    fp = torch.randn(4, 10, 6, generator=g)
+    shift = torch.arange(6.0)
+    delta = bias_correction(fp, fp - shift)
+    assert torch.allclose(delta, shift, atol=1e-6)
+    nchw = torch.randn(2, 3, 5, 5, generator=g)
+    per_channel = torch.tensor([0.5, -1.0, 2.0])[None, :, None, None]
+    assert torch.allclose(
+        bias_correction(nchw, nchw - per_channel, channel_dim=1), per_channel.flatten()
+    )
+
+
+def test_gain_correction_is_least_squares() -> None:
+    fp = torch.randn(100, 4)
+    gain = gain_correction(fp, fp / torch.tensor([2.0, 4.0, 1.0, 0.5]))
+    assert torch.allclose(gain, torch.tensor([2.0, 4.0, 1.0, 0.5]), rtol=1e-5)
+    zeros = gain_correction(fp, torch.zeros_like(fp))
+    assert torch.equal(zeros, torch.ones(4))
+    with pytest.raises(ValueError, match="equal shapes"):
+        gain_correction(fp, fp[:, :3])
