@@ -9,12 +9,19 @@ from __future__ import annotations
 
 import torch
 
-from ptq.formats import FloatFormat, IntFormat
+from ptq.formats import FP8_E4M3, FP8_E5M2, FloatFormat, IntFormat
 from ptq.formats.minifloat import round_to_float_grid
 from ptq.scheme import ActivationScheme
 
+_NATIVE_FP8 = {FP8_E4M3: torch.float8_e4m3fn, FP8_E5M2: torch.float8_e5m2}
+
 
 def _round(y: torch.Tensor, element: FloatFormat | IntFormat) -> torch.Tensor:
+    native = _NATIVE_FP8.get(element) if isinstance(element, FloatFormat) else None
+    if native is not None:
+        # torch's cast rounds to nearest-even; clamping first makes it saturate (tested
+        # bit-equal to round_to_float_grid)
+        return y.clamp(-element.max_value, element.max_value).to(native).float()
     if isinstance(element, FloatFormat):
         return round_to_float_grid(y, element)
     return torch.clamp(torch.round(y), element.qmin, element.qmax)

@@ -19,7 +19,6 @@ from ptq.scheme import ActivationScheme, Scheme, matches_any
 from ptq.serialization import format_from_dict, format_to_dict
 
 PLAN_VERSION = 1
-QUANTIZABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear,)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -132,32 +131,46 @@ class QuantPlan:
         return rows
 
 
-def build_plan(model: nn.Module, scheme: Scheme, method: str = "rtn") -> QuantPlan:
-    """Discover quantizable layers and resolve each one's format.
+def build_plan(
+    model: nn.Module,
+    scheme: Scheme,
+    method: str = "rtn",
+    supported_kinds: tuple[str, ...] = ("linear",),
+) -> QuantPlan:
+    """Discover quantizable layers on the captured graph and resolve each one's format.
+
+    Layers the front end finds but no weight pass handles yet are listed in ``skipped``
+    with the reason, never silently dropped.
 
     Raises:
         ValueError: An explicit group size does not divide some layers (all named).
     """
+    from ptq.frontend.quantizable import discover
+
     plan = QuantPlan(scheme=scheme)
     errors: list[str] = []
     ceilinged: dict[int, list[str]] = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, QUANTIZABLE_TYPES):
+    found = discover(model)
+    plan.skipped.update(found.skipped)
+    plan.notes.extend(found.notes)
+    for op in found:
+        if scheme.is_ignored(op.name):
+            plan.skipped[op.name] = "ignored"
             continue
-        if scheme.is_ignored(name):
-            plan.skipped[name] = "ignored"
+        if op.kind not in supported_kinds:
+            plan.skipped[op.name] = f"not quantized: no weight pass handles {op.kind} layers yet"
             continue
         try:
-            fmt = scheme.weight_format_for(name, module.in_features)
+            fmt = scheme.weight_format_for(op.name, op.in_features)
         except ValueError as exc:
             errors.append(str(exc))
             continue
         if fmt is not scheme.weight and isinstance(fmt.granularity, PerGroup):
-            ceilinged.setdefault(fmt.granularity.size, []).append(name)
-        plan.layers[name] = LayerPlan(
-            name=name,
-            in_features=module.in_features,
-            out_features=module.out_features,
+            ceilinged.setdefault(fmt.granularity.size, []).append(op.name)
+        plan.layers[op.name] = LayerPlan(
+            name=op.name,
+            in_features=op.in_features,
+            out_features=op.out_features,
             weight=fmt,
             activation=scheme.activation,
             method=method,

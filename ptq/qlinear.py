@@ -42,6 +42,7 @@ class QuantLinear(nn.Module):
         self.bias = (
             None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         )
+        self.input_scale: torch.Tensor | None
         self.register_buffer("input_scale", input_scale)
         self.lorc_u: nn.Parameter | None = None
         self.lorc_v: nn.Parameter | None = None

@@ -94,16 +94,23 @@ def tensor_shape(node: object) -> tuple[int, ...] | None:
     return None
 
 
+def as_int(value: object) -> int:
+    """An integer op argument (dims, split sizes) as ``int``."""
+    if not isinstance(value, int):
+        raise ValueError(f"expected an integer graph argument, got {value!r}")
+    return value
+
+
 def _swaps_last_two(node: fx.Node, ndim: int) -> bool:
     name = op_name(node)
     if name in ("t", "T", "mT", "numpy_T"):
         return True
     if name == "transpose" and len(node.args) >= 3:
-        a, b = (int(d) % ndim for d in node.args[1:3])  # type: ignore[call-overload]
+        a, b = (as_int(d) % ndim for d in node.args[1:3])
         return {a, b} == {ndim - 2, ndim - 1}
     if name == "permute" and len(node.args) >= 2:
         dims = node.args[1] if isinstance(node.args[1], list | tuple) else node.args[1:]
-        perm = [int(d) % ndim for d in dims]  # type: ignore[call-overload]
+        perm = [as_int(d) % ndim for d in dims]
         return len(perm) >= 2 and perm[-2:] == [ndim - 1, ndim - 2]
     return False
 
@@ -135,9 +142,9 @@ def trace_param(arg: object, params: dict[str, str], max_hops: int = 8) -> Param
         if op_name(node) not in PASS_THROUGH or not node.args:
             return None
         shape = tensor_shape(node.args[0])
-        if shape is not None and len(shape) >= 2 and _swaps_last_two(node, len(shape)):
-            swaps += 1
-        elif shape is None and op_name(node) in ("t", "transpose", "permute"):
+        if (shape is not None and len(shape) >= 2 and _swaps_last_two(node, len(shape))) or (
+            shape is None and op_name(node) in ("t", "transpose", "permute")
+        ):
             swaps += 1
         node = node.args[0]
     return None

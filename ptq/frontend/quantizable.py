@@ -166,7 +166,7 @@ def _graph_ops(cg: CapturedGraph) -> tuple[dict[str, QuantizableOp | str], set[s
     for node in gm.graph.nodes:
         if node.op == "call_module":
             mod = gm.get_submodule(str(node.target))
-            if any(True for _ in mod.parameters(recurse=False)):
+            if any(p.dim() >= 2 for p in mod.parameters(recurse=False)):
                 rel = str(node.target)
                 found.setdefault(rel, _op_from_module(rel, root.get_submodule(rel), cg.method))
                 used.update(f"{rel}.{p}" for p, _ in mod.named_parameters(recurse=False))
@@ -193,7 +193,7 @@ def _graph_ops(cg: CapturedGraph) -> tuple[dict[str, QuantizableOp | str], set[s
             kn = name in MM_OPS and pos == (2 if name in ("addmm", "baddbmm") else 1)
             transposed = kn != bool(use.transposes % 2)
             if w.dim() == 3 and name in MM_OPS | LINEAR_OPS:
-                op: QuantizableOp | str = _expert_op(owner_rel, owner, pname, transposed, cg.method)
+                op = _expert_op(owner_rel, owner, pname, transposed, cg.method)
                 found.setdefault(op.name, op)
                 continue
             res = _op_from_module(owner_rel, owner, cg.method, pname)

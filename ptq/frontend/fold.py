@@ -1,0 +1,87 @@
+"""Fold batch-norm into the preceding convolution (inference only).
+
+In eval mode ``BN(z) = gamma * (z - mu) / sqrt(var + eps) + beta`` is affine per output
+channel, so for ``z = W * x + b``
+
+    W' = W * a[:, None, None, None],    b' = (b - mu) * a + beta,    a = gamma / sqrt(var + eps)
+
+(Jacob et al., "Quantization and Training of Neural Networks for Efficient
+Integer-Arithmetic-Only Inference", 2018, section 3.2). Quantizing ``W'`` instead of
+``W`` is what an integer runtime executes.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from ptq.frontend.capture import Capture, capture
+from ptq.frontend.patterns import find_patterns
+
+
+def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """A copy of ``conv`` (same class and padding behaviour) with ``bn`` folded in.
+
+    Raises:
+        ValueError: Channel counts differ or ``bn`` has no running statistics.
+    """
+    if bn.num_features != conv.out_channels:
+        raise ValueError(
+            f"cannot fold {type(bn).__name__}({bn.num_features}) into a conv with "
+            f"{conv.out_channels} output channels"
+        )
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError("cannot fold a batch-norm without running statistics")
+    with torch.no_grad():
+        w = conv.weight.detach().double()
+        a = bn.running_var.double().add(bn.eps).rsqrt()
+        if bn.weight is not None:
+            a = a * bn.weight.detach().double()
+        b = conv.bias.detach().double() if conv.bias is not None else torch.zeros_like(a)
+        beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros_like(a)
+        new_b = (b - bn.running_mean.double()) * a + beta
+        folded = copy.deepcopy(conv)
+        dtype = conv.weight.dtype
+        folded.weight = nn.Parameter((w * a.view(-1, 1, 1, 1)).to(dtype), requires_grad=False)
+        folded.bias = nn.Parameter(new_b.to(dtype), requires_grad=False)
+    return folded
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def fold_all_conv_bn(
+    model: nn.Module,
+    example_inputs: tuple[Any, ...] | Mapping[str, Any] | None = None,
+    *,
+    captured: Capture | None = None,
+) -> list[tuple[str, str]]:
+    """Fold every conv -> batch-norm pair found on the graph, in place.
+
+    The conv becomes its folded copy and the batch-norm an ``nn.Identity``. Only pairs
+    where the batch-norm is the conv's sole consumer are folded (from the graph).
+
+    Returns:
+        The ``(conv, bn)`` module names folded.
+
+    Raises:
+        ValueError: ``model`` is in training mode (batch statistics, nothing to fold).
+    """
+    if model.training:
+        raise ValueError("fold_all_conv_bn needs model.eval(): training-mode BN uses batch stats")
+    cap = captured if captured is not None else capture(model, example_inputs, block_wise=False)
+    done: list[tuple[str, str]] = []
+    for pair in find_patterns(cap).conv_bn:
+        conv, bn = model.get_submodule(pair.conv), model.get_submodule(pair.bn)
+        if not isinstance(conv, nn.Conv2d) or not isinstance(bn, nn.BatchNorm2d):
+            continue
+        _replace(model, pair.conv, fold_conv_bn(conv, bn))
+        _replace(model, pair.bn, nn.Identity())
+        done.append((pair.conv, pair.bn))
+    return done
