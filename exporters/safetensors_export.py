@@ -9,6 +9,7 @@ uses, so decompressing it gives the emulated weight bit for bit.
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 from collections.abc import Iterator
@@ -16,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
-from ptq.errors import PtqError
 from ptq.exporters.ct_config import build_quantization_config
+from ptq.exporters.manifest import write_manifest
+from ptq.exporters.safe_write import write_shards
 from ptq.formats.ct_layout import ct_format_name, to_compressed_tensors
 from ptq.formats.ptq_layout import to_ptq_layout
 from ptq.plan import QuantPlan
@@ -37,7 +38,6 @@ COPIED_FILES = (
     "generation_config.json",
     "chat_template.jinja",
 )
-MAX_SHARD_BYTES = 2 * 1024**3
 
 
 def quantized_tensors(module: QuantLinear) -> dict[str, torch.Tensor]:
@@ -73,37 +73,6 @@ def model_tensors(model: nn.Module, tied_lm_head: bool) -> Iterator[tuple[str, t
         yield key, t
 
 
-def _check_tensor(name: str, t: torch.Tensor) -> None:
-    if t.device.type == "meta":
-        raise PtqError(f"refusing to write {name}: it is on the meta device (never loaded)")
-
-
-def write_shards(tensors: Iterator[tuple[str, torch.Tensor]], out: Path) -> list[str]:
-    """Write tensors into <= 2 GiB shards plus an index when more than one; return files."""
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, t in tensors:
-        _check_tensor(name, t)
-        nbytes = t.numel() * t.element_size()
-        if size and size + nbytes > MAX_SHARD_BYTES:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t.detach().contiguous().cpu()
-        size += nbytes
-    if len(shards) == 1:
-        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
-        return ["model.safetensors"]
-    files, weight_map = [], {}
-    for i, shard in enumerate(shards, 1):
-        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out / fname), metadata={"format": "pt"})
-        files.append(fname)
-        weight_map.update(dict.fromkeys(shard, fname))
-    index = {"metadata": {}, "weight_map": weight_map}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    return files
-
-
 def export_compressed_tensors(
     model: nn.Module,
     plan: QuantPlan,
@@ -114,11 +83,36 @@ def export_compressed_tensors(
     records: dict[str, Any] | None = None,
 ) -> None:
     """Write the checkpoint into ``out`` (an existing, empty, temporary folder)."""
-    tied = bool(source_config.get("tie_word_embeddings", False)) and "lm_head" not in plan.layers
-    write_shards(model_tensors(model, tied), out)
+    model_config = getattr(model, "config", None)
+    tied = bool(
+        getattr(
+            model_config, "tie_word_embeddings", source_config.get("tie_word_embeddings", False)
+        )
+    )
+    tied = tied and "lm_head" not in plan.layers
+    kv_scales = _kv_scales(model)
+    _zero_fill_biases(model)
+    extra = sum((source_dir / f).stat().st_size for f in COPIED_FILES if (source_dir / f).is_file())
+    tensors = model_tensors(model, tied)
+    if kv_scales:
+        tensors = itertools.chain(tensors, kv_scales.items())
+    write_shards(tensors, out, extra_bytes=extra)
     layers = [plan.layers[n] for n, m in model.named_modules() if isinstance(m, QuantLinear)]
     config = dict(source_config)
-    config["quantization_config"] = build_quantization_config(layers, sorted(plan.skipped))
+    ignore = sorted(n for n in plan.skipped if _is_linear(model, n))
+    config["quantization_config"] = build_quantization_config(layers, ignore)
+    if "tie_word_embeddings" in source_config or not tied:
+        config["tie_word_embeddings"] = tied
+    config.update(_bias_flags(model))
+    if kv_scales:
+        bits = 8
+        config["quantization_config"]["kv_cache_scheme"] = {
+            "num_bits": bits,
+            "type": _kv_type(model),
+            "symmetric": True,
+            "strategy": "tensor",
+            "dynamic": False,
+        }
     (out / "config.json").write_text(json.dumps(config, indent=2))
     for fname in COPIED_FILES:
         if (source_dir / fname).is_file():
@@ -126,3 +120,65 @@ def export_compressed_tensors(
     (out / "ptq_plan.json").write_text(plan.to_json())
     if records:
         (out / "ptq_records.json").write_text(json.dumps(records, indent=2, default=str))
+    write_manifest(out)
+
+
+def _kv_scales(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``k_scale``/``v_scale`` tensors when the KV-cache pass ran (else empty)."""
+    from ptq.passes.kv_cache import kv_cache_scales
+
+    return {k: v.float().reshape(1) for k, v in kv_cache_scales(model).items()}
+
+
+def _kv_type(model: nn.Module) -> str:
+    from ptq.passes.kv_cache import KVFakeQuant
+
+    for m in model.modules():
+        if isinstance(m, KVFakeQuant):
+            return "int" if m.dtype == "int8" else "float"
+    return "float"
+
+
+def _bias_groups(model: nn.Module) -> dict[str, list[QuantLinear]]:
+    groups: dict[str, list[QuantLinear]] = {"attention_bias": [], "mlp_bias": []}
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            key = (
+                "attention_bias"
+                if ".self_attn." in name
+                else "mlp_bias"
+                if ".mlp." in name
+                else None
+            )
+            if key:
+                groups[key].append(m)
+    return groups
+
+
+def _zero_fill_biases(model: nn.Module) -> None:
+    """Where bias correction gave some layers of a group a bias, give the rest zeros.
+
+    Llama-family configs switch biases per group (``attention_bias``, ``mlp_bias``), so
+    a checkpoint must have all of a group's biases or none.
+    """
+    for layers in _bias_groups(model).values():
+        if any(m.bias is not None for m in layers):
+            for m in layers:
+                if m.bias is None:
+                    m.bias = nn.Parameter(torch.zeros(m.out_features), requires_grad=False)
+
+
+def _bias_flags(model: nn.Module) -> dict[str, bool]:
+    return {
+        k: True
+        for k, layers in _bias_groups(model).items()
+        if any(m.bias is not None for m in layers)
+    }
+
+
+def _is_linear(model: nn.Module, name: str) -> bool:
+    """Whether ``name`` is an (unquantized) Linear: what compressed-tensors' ``ignore`` lists."""
+    try:
+        return isinstance(model.get_submodule(name), nn.Linear)
+    except AttributeError:
+        return False

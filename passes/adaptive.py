@@ -1,8 +1,10 @@
 """AdaRound and AdaQuant as passes over the block-wise runner.
 
-Each layer is optimised on its cached calibration inputs (the outputs of the already
+Each layer is optimised on its cached calibration input rows (the outputs of the already
 quantized earlier layers, so errors do not accumulate unseen) against the FP layer's
-outputs on the same inputs. Maths: :mod:`adaround_math` (Nagel et al., 2020) and
+outputs on the same rows. Convolutions are optimised as matmuls over im2col rows with
+the weight ``[O, I/g kh kw]`` (block-diagonal over groups); GPT-2 ``Conv1D`` on its
+transposed weight. Maths: :mod:`adaround_math` (Nagel et al., 2020) and
 :mod:`adaquant_math` (Hubara et al., 2021).
 """
 
@@ -14,31 +16,39 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ptq.calibration.layer_inputs import geometry, rows_forward, weight_2d
 from ptq.calibration.runner import LayerStats, StatsRequest
 from ptq.formats import QTensor
 from ptq.passes.adaquant_math import AdaQuantConfig, adaquant_layer
-from ptq.passes.adaround_math import AdaRoundConfig, adaround_layer
-from ptq.passes.layerwise import LayerwisePass, output_error
+from ptq.passes.adaround_math import AdaRoundConfig, adaround_reconstruct
+from ptq.passes.layerwise import LayerwisePass, layer_bias, output_error
 from ptq.pipeline import PassContext
 from ptq.plan import LayerPlan
 
 
 @dataclass(frozen=True, kw_only=True)
 class AdaRoundPassConfig(AdaRoundConfig):
-    """AdaRound options plus how many calibration rows (tokens) to cache per layer."""
+    """AdaRound options plus how many calibration rows (tokens/patches) to cache per layer."""
 
     input_rows: int = 2048
 
 
 @dataclass(frozen=True, kw_only=True)
 class AdaQuantPassConfig(AdaQuantConfig):
-    """AdaQuant options plus how many calibration rows (tokens) to cache per layer."""
+    """AdaQuant options plus how many calibration rows (tokens/patches) to cache per layer."""
 
     input_rows: int = 2048
 
 
 def _base(cfg: Any, base: type) -> Any:
     return base(**{f.name: getattr(cfg, f.name) for f in fields(base)})
+
+
+def _rows(stats: LayerStats, name: str) -> torch.Tensor:
+    x = stats.input_rows()
+    if x.numel() == 0:
+        raise ValueError(f"layer {name!r} saw no calibration inputs (is it on the forward path?)")
+    return x.float()
 
 
 class AdaRoundPass(LayerwisePass):
@@ -53,15 +63,28 @@ class AdaRoundPass(LayerwisePass):
         return StatsRequest(input_rows=self.config.input_rows)
 
     def quantize_layer(
-        self, name: str, layer: nn.Linear, plan: LayerPlan, stats: LayerStats, ctx: PassContext
+        self, name: str, layer: nn.Module, plan: LayerPlan, stats: LayerStats, ctx: PassContext
     ) -> tuple[QTensor, torch.Tensor | None, dict[str, Any]]:
-        x = stats.input_rows()
-        w = layer.weight.detach().float()
-        res = adaround_layer(
-            w, x, plan.weight, bias=layer.bias, config=_base(self.config, AdaRoundConfig)
-        )
+        x = _rows(stats, name)
+        w = weight_2d(layer)
+        groups = geometry(layer).groups
+        b = layer_bias(layer)
+        with torch.no_grad():
+            y = rows_forward(w, b, x, groups)
+
+        def forward(ws: dict[str, torch.Tensor], xb: torch.Tensor) -> torch.Tensor:
+            return rows_forward(ws["weight"], b, xb, groups)
+
+        res = adaround_reconstruct(
+            {"weight": w},
+            {"weight": plan.weight},
+            forward,
+            x,
+            y,
+            _base(self.config, AdaRoundConfig),
+        )["weight"]
         record = {
-            "rel_output_error": output_error(w, res.weight, x),
+            "rel_output_error": output_error(w, res.weight, x, groups),
             "loss_start": res.loss_start,
             "loss_end": res.loss_end,
             "non_binary_fraction": res.non_binary_fraction(),
@@ -82,15 +105,25 @@ class AdaQuantPass(LayerwisePass):
         return StatsRequest(input_rows=self.config.input_rows)
 
     def quantize_layer(
-        self, name: str, layer: nn.Linear, plan: LayerPlan, stats: LayerStats, ctx: PassContext
+        self, name: str, layer: nn.Module, plan: LayerPlan, stats: LayerStats, ctx: PassContext
     ) -> tuple[QTensor, torch.Tensor | None, dict[str, Any]]:
-        x = stats.input_rows()
-        w = layer.weight.detach().float()
+        x = _rows(stats, name)
+        w = weight_2d(layer)
+        groups = geometry(layer).groups
+
+        def forward(wq: torch.Tensor, bq: torch.Tensor | None, xb: torch.Tensor) -> torch.Tensor:
+            return rows_forward(wq, bq, xb, groups)
+
         res = adaquant_layer(
-            w, x, plan.weight, bias=layer.bias, config=_base(self.config, AdaQuantConfig)
+            w,
+            x,
+            plan.weight,
+            bias=layer_bias(layer),
+            forward=forward,
+            config=_base(self.config, AdaQuantConfig),
         )
         record = {
-            "rel_output_error": output_error(w, res.weight, x),
+            "rel_output_error": output_error(w, res.weight, x, groups),
             "loss_start": res.loss_start,
             "loss_end": res.loss_end,
             "seconds": res.time_s,

@@ -1,4 +1,12 @@
-"""GPTQ as a pass: Hessians from the block-wise runner, maths in :mod:`gptq_math`."""
+"""GPTQ as a pass: Hessians from the block-wise runner, maths in :mod:`gptq_math`.
+
+Linears, GPT-2 ``Conv1D`` and convolutions (im2col Hessian, weight ``[O, I/g kh kw]``)
+are handled alike. A grouped conv (``g > 1``, e.g. depthwise) has one Hessian per group
+(output channels of group ``j`` only see input slice ``j``), so GPTQ runs per group on
+its rows, sharing a tensor-wide second-level scale (NVFP4); formats whose scale blocks
+span several rows (per-tensor, 2-D blocks) cannot be split by rows and fall back to
+round-to-nearest for such layers (recorded as ``"fallback": "rtn"``).
+"""
 
 from __future__ import annotations
 
@@ -8,10 +16,12 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
+from ptq.calibration.layer_inputs import geometry, weight_2d
 from ptq.calibration.runner import LayerStats, StatsRequest
-from ptq.formats import QTensor
-from ptq.passes.gptq_math import GPTQConfig, gptq_quantize
+from ptq.formats import QTensor, QuantFormat, dequantize, quantize
+from ptq.passes.gptq_math import GPTQConfig, GPTQResult, gptq_quantize
 from ptq.passes.layerwise import LayerwisePass, output_error
+from ptq.passes.quant_with_scales import tensor_global_scale
 from ptq.pipeline import PassContext
 from ptq.plan import LayerPlan
 
@@ -45,8 +55,32 @@ class GPTQPassConfig:
         )
 
 
+def _cat_rows(parts: list[QTensor]) -> QTensor:
+    """Stack row slices quantized with row-local scales into one :class:`QTensor`."""
+
+    def cat(ts: list[torch.Tensor | None]) -> torch.Tensor | None:
+        return None if ts[0] is None else torch.cat([t for t in ts if t is not None])
+
+    first = parts[0]
+    return QTensor(
+        codes=torch.cat([p.codes for p in parts]),
+        scale=torch.cat([p.scale for p in parts]),
+        fmt=first.fmt,
+        zero_point=cat([p.zero_point for p in parts]),
+        global_scale=first.global_scale,
+        channel_scale=cat([p.channel_scale for p in parts]),
+    )
+
+
+def _row_separable(fmt: QuantFormat, rows: int, cols: int) -> bool:
+    try:
+        return fmt.granularity.block_shape(rows, cols)[0] == 1
+    except ValueError:
+        return False
+
+
 class GPTQPass(LayerwisePass):
-    """Quantize each planned Linear with GPTQ, true-sequentially inside each block."""
+    """Quantize each planned layer with GPTQ, true-sequentially inside each block."""
 
     name: ClassVar[str] = "gptq"
 
@@ -57,24 +91,49 @@ class GPTQPass(LayerwisePass):
         return StatsRequest(hessian=True, input_rows=512)
 
     def quantize_layer(
-        self, name: str, layer: nn.Linear, plan: LayerPlan, stats: LayerStats, ctx: PassContext
+        self, name: str, layer: nn.Module, plan: LayerPlan, stats: LayerStats, ctx: PassContext
     ) -> tuple[QTensor, torch.Tensor | None, dict[str, Any]]:
         assert stats.hessian is not None
-        res = gptq_quantize(
-            layer.weight.detach(),
-            stats.hessian.hessian(),
-            plan.weight,
-            layer_name=name,
-            config=self.config.math_config(),
-        )
-        record = {
-            "hessian_error": res.stats.error,
-            "rel_output_error": output_error(
-                layer.weight.detach().float(), res.weight, stats.input_rows()
-            ),
-            "damp": res.stats.damp,
-            "retries": res.stats.retries,
-            "dead_columns": res.stats.dead_columns,
-            "seconds": res.stats.time_s,
-        }
-        return res.qtensor, None, record
+        geo = geometry(layer)
+        w = weight_2d(layer)
+        hess = stats.hessian.hessian()
+        cfg = self.config.math_config()
+        record: dict[str, Any] = {}
+        if geo.groups == 1:
+            res = gptq_quantize(w, hess, plan.weight, layer_name=name, config=cfg)
+            qt, deq = res.qtensor, res.weight
+            record.update(
+                hessian_error=res.stats.error,
+                damp=res.stats.damp,
+                retries=res.stats.retries,
+                dead_columns=res.stats.dead_columns,
+                seconds=res.stats.time_s,
+            )
+        elif _row_separable(plan.weight, w.shape[0] // geo.groups, w.shape[1]):
+            per = w.shape[0] // geo.groups
+            gs = tensor_global_scale(w, plan.weight)
+            results: list[GPTQResult] = [
+                gptq_quantize(
+                    w[j * per : (j + 1) * per],
+                    hess[j],
+                    plan.weight,
+                    layer_name=f"{name}[group {j}]",
+                    config=cfg,
+                    global_scale=gs,
+                )
+                for j in range(geo.groups)
+            ]
+            qt = _cat_rows([r.qtensor for r in results])
+            deq = dequantize(qt)
+            record.update(
+                hessian_error=sum(r.stats.error for r in results),
+                retries=sum(r.stats.retries for r in results),
+                dead_columns=sum(r.stats.dead_columns for r in results),
+                seconds=sum(r.stats.time_s for r in results),
+            )
+        else:
+            qt = quantize(w, plan.weight)
+            deq = dequantize(qt)
+            record["fallback"] = "rtn"
+        record["rel_output_error"] = output_error(w, deq, stats.input_rows(), geo.groups)
+        return qt, None, record

@@ -2,8 +2,12 @@
 
 A :class:`LayerwisePass` declares the statistics it needs (:class:`StatsRequest`) and
 implements :meth:`quantize_layer`; the block-wise runner feeds it one stage of one block
-at a time and propagates the quantized outputs. Every layer's reconstruction error is
-recorded in ``ctx.records["layers"]`` (written to the output as JSON).
+at a time and propagates the quantized outputs. Every layer is seen as ``Y = X W^T``
+over input rows (:mod:`ptq.calibration.layer_inputs`): Linear, GPT-2 ``Conv1D`` (weight
+transposed) and ``nn.Conv1d/2d`` (weight ``[O, I/g * kh * kw]``, im2col rows). Quantized
+layers become :class:`~ptq.qlinear.QuantLinear` or
+:class:`~ptq.frontend.qconv.QuantConv2d`. Every layer's reconstruction error is recorded
+in ``ctx.records["layers"]`` (written to the output as JSON).
 """
 
 from __future__ import annotations
@@ -14,13 +18,17 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ptq.calibration.layer_inputs import geometry, rows_forward
 from ptq.calibration.runner import BlockwiseRunner, LayerStats, StatsRequest
 from ptq.formats import QTensor
+from ptq.frontend.qconv import QuantConv2d
 from ptq.pipeline import Pass, PassContext, QuantState
 from ptq.plan import LayerPlan
 from ptq.qlinear import QuantLinear
+from ptq.scheme import ActivationScheme
 
 CALIBRATION_BATCH = 8
+QUANTIZED_TYPES: tuple[type[nn.Module], ...] = (QuantLinear, QuantConv2d)
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -30,12 +38,45 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def output_error(w: torch.Tensor, q: torch.Tensor, x: torch.Tensor) -> float:
-    """Relative output error ``||X (W - Q)^T||^2 / ||X W^T||^2`` on cached rows ``x``."""
+def output_error(w: torch.Tensor, q: torch.Tensor, x: torch.Tensor, groups: int = 1) -> float:
+    """Relative output error ``||X (W - Q)^T||^2 / ||X W^T||^2`` on cached rows ``x``.
+
+    ``groups > 1`` multiplies block-diagonally (grouped convs; see ``rows_forward``).
+    """
     if x.numel() == 0:
         return math.nan
-    ref = x @ w.T
-    return float((x @ (w - q).T).pow(2).sum() / ref.pow(2).sum().clamp(min=1e-30))
+    ref = rows_forward(w, None, x, groups)
+    diff = rows_forward(w - q, None, x, groups)
+    return float(diff.pow(2).sum() / ref.pow(2).sum().clamp(min=1e-30))
+
+
+def layer_bias(layer: nn.Module) -> torch.Tensor | None:
+    """The layer's bias as an fp32 tensor, or None."""
+    b = getattr(layer, "bias", None)
+    return b.detach().float() if isinstance(b, torch.Tensor) else None
+
+
+def quantized_module(
+    layer: nn.Module,
+    qweight: QTensor,
+    bias: torch.Tensor | None,
+    activation: ActivationScheme | None,
+) -> nn.Module:
+    """The emulated quantized replacement of ``layer`` with weight ``qweight`` [O, K].
+
+    Raises:
+        ValueError: ``layer`` is not a Linear, HF ``Conv1D`` or ``nn.Conv1d/2d``.
+    """
+    geo = geometry(layer)
+    if geo.kind != "conv":
+        return QuantLinear(qweight, bias, activation)
+    assert isinstance(layer, nn.Conv1d | nn.Conv2d)
+    new = QuantConv2d(layer, qweight, activation)
+    if bias is not None:
+        new.conv.bias = nn.Parameter(
+            bias.detach().to(new.conv.weight.dtype).clone(), requires_grad=False
+        )
+    return new
 
 
 class LayerwisePass(Pass):
@@ -48,9 +89,9 @@ class LayerwisePass(Pass):
         raise NotImplementedError
 
     def quantize_layer(
-        self, name: str, layer: nn.Linear, plan: LayerPlan, stats: LayerStats, ctx: PassContext
+        self, name: str, layer: nn.Module, plan: LayerPlan, stats: LayerStats, ctx: PassContext
     ) -> tuple[QTensor, torch.Tensor | None, dict[str, Any]]:
-        """Return the quantized weight, an optional new bias and a record for the layer."""
+        """Return the quantized ``[O, K]`` weight, an optional new bias and a record."""
         raise NotImplementedError
 
     def run(self, state: QuantState, ctx: PassContext) -> None:
@@ -62,19 +103,17 @@ class LayerwisePass(Pass):
 
         def quantize(name: str, stats: LayerStats) -> None:
             layer = model.get_submodule(name)
-            if isinstance(layer, QuantLinear):
+            if isinstance(layer, QUANTIZED_TYPES):
                 return
-            assert isinstance(layer, nn.Linear)
             lp = plan.layers[name]
             with torch.enable_grad():  # the runner holds no_grad; optimisers need autograd
                 qt, bias, record = self.quantize_layer(name, layer, lp, stats, ctx)
             record["method"] = self.name
             records[name] = record
-            last[0] = (
-                f"{name.rsplit('.', 2)[-2]}.{name.rsplit('.', 1)[-1]} err={record.get('rel_output_error', math.nan):.2e}"
-            )
-            new_bias = bias if bias is not None else layer.bias
-            replace_module(model, name, QuantLinear(qt, new_bias, lp.activation))
+            short = ".".join(name.rsplit(".", 2)[-2:])
+            last[0] = f"{short} err={record.get('rel_output_error', math.nan):.2e}"
+            new_bias = bias if bias is not None else getattr(layer, "bias", None)
+            replace_module(model, name, quantized_module(layer, qt, new_bias, lp.activation))
 
         runner = BlockwiseRunner(
             request=self.stats_request(),

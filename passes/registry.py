@@ -6,11 +6,13 @@ from typing import Any
 
 from ptq.pipeline import Pass
 
-WEIGHT_METHODS = ("rtn", "gptq", "adaround", "adaquant")
+WEIGHT_METHODS = ("rtn", "gptq", "adaround", "adaquant", "zeroquant_fp")
+WRAPPER_PASSES = ("lorc", "bias_correction")
 
 
 def pass_table() -> dict[str, tuple[type, type]]:
     """Every pass a recipe can name: ``name -> (pass class, config class)``."""
+    from ptq.passes.act_calibration import ActCalibrationConfig, ActCalibrationPass
     from ptq.passes.adaptive import (
         AdaQuantPass,
         AdaQuantPassConfig,
@@ -18,13 +20,33 @@ def pass_table() -> dict[str, tuple[type, type]]:
         AdaRoundPassConfig,
     )
     from ptq.passes.gptq import GPTQPass, GPTQPassConfig
+    from ptq.passes.kv_cache import KVCacheConfig, KVCachePass
+    from ptq.passes.rotation import RotationConfig, RotationPass
     from ptq.passes.rtn import RTNConfig, RTNPass
+    from ptq.passes.smoothquant import SmoothQuantConfig, SmoothQuantPass
+    from ptq.passes.zeroquant_fp import ZeroQuantFPConfig, ZeroQuantFPPass
 
     return {
         "rtn": (RTNPass, RTNConfig),
         "gptq": (GPTQPass, GPTQPassConfig),
         "adaround": (AdaRoundPass, AdaRoundPassConfig),
         "adaquant": (AdaQuantPass, AdaQuantPassConfig),
+        "zeroquant_fp": (ZeroQuantFPPass, ZeroQuantFPConfig),
+        "smoothquant": (SmoothQuantPass, SmoothQuantConfig),
+        "rotation": (RotationPass, RotationConfig),
+        "act_calibration": (ActCalibrationPass, ActCalibrationConfig),
+        "kv_cache": (KVCachePass, KVCacheConfig),
+    }
+
+
+def wrapper_table() -> dict[str, tuple[type, type]]:
+    """Passes that wrap a weight pass: built as ``cls(inner, config)``."""
+    from ptq.passes.bias_correction import BiasCorrectionConfig, BiasCorrectionPass
+    from ptq.passes.lorc import LoRCConfig, LoRCPass
+
+    return {
+        "lorc": (LoRCPass, LoRCConfig),
+        "bias_correction": (BiasCorrectionPass, BiasCorrectionConfig),
     }
 
 

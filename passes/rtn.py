@@ -1,8 +1,10 @@
 """Round-to-nearest weight quantization: the floor every other method must beat.
 
-Each planned Linear is replaced by a :class:`~ptq.qlinear.QuantLinear` whose weight is
+Each planned layer is replaced by its emulated quantized module whose weight is
 ``Q(W)`` with scales from the format's rule (amax or MSE clip search) and codes rounded
-to nearest-even.
+to nearest-even: a :class:`~ptq.qlinear.QuantLinear` for Linear and GPT-2 ``Conv1D``
+(on ``W^T``), a :class:`~ptq.frontend.qconv.QuantConv2d` for ``nn.Conv1d/2d`` (on
+``W.reshape(O, -1)``).
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ from typing import ClassVar
 from torch import nn
 from tqdm.auto import tqdm
 
+from ptq.calibration.layer_inputs import weight_2d
 from ptq.formats import quantize
 from ptq.pipeline import Pass, PassContext, QuantState
-from ptq.qlinear import QuantLinear
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -30,7 +32,7 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 class RTNPass(Pass):
-    """Quantize every planned Linear with round-to-nearest."""
+    """Quantize every planned layer with round-to-nearest."""
 
     name: ClassVar[str] = "rtn"
     ensures: ClassVar[tuple[str, ...]] = ("weights_quantized",)
@@ -39,13 +41,15 @@ class RTNPass(Pass):
         self.config = config or RTNConfig()
 
     def run(self, state: QuantState, ctx: PassContext) -> None:
+        from ptq.passes.layerwise import QUANTIZED_TYPES, quantized_module
+
         layers = [
             lp
             for lp in state.plan
-            if not isinstance(state.model.get_submodule(lp.name), QuantLinear)
+            if not isinstance(state.model.get_submodule(lp.name), QUANTIZED_TYPES)
         ]
         for lp in tqdm(layers, desc="rtn", disable=not ctx.progress, unit="layer"):
             module = state.model.get_submodule(lp.name)
-            assert isinstance(module, nn.Linear)
-            q = quantize(module.weight.detach(), lp.weight)
-            replace_module(state.model, lp.name, QuantLinear(q, module.bias, lp.activation))
+            q = quantize(weight_2d(module).to(module.weight.dtype), lp.weight)
+            bias = getattr(module, "bias", None)
+            replace_module(state.model, lp.name, quantized_module(module, q, bias, lp.activation))

@@ -82,6 +82,8 @@ def quantize(
     overwrite: bool = False,
     progress: bool = True,
     trust_remote_code: bool = False,
+    low_memory: bool = False,
+    restart: bool = False,
     log: Any = print,
 ) -> QuantizeResult:
     """Quantize ``model`` with ``scheme``; optionally evaluate and export.
@@ -97,6 +99,9 @@ def quantize(
         overwrite: Replace an existing ``output``.
         progress: Show progress bars.
         trust_remote_code: Allow code from the model folder to run.
+        low_memory: Load and quantize one decoder block at a time (peak memory ~ one
+            block); resumable: rerunning after a crash continues from the last block.
+        restart: With ``low_memory``, discard an interrupted run of a different command.
         log: Where human-readable messages go.
     """
     start = time.perf_counter()
@@ -107,12 +112,30 @@ def quantize(
     source = model if isinstance(model, ModelSource) else resolve_model(model, quiet=not progress)
     if source.is_quantized:
         raise PtqInputError(f"{source.path} is already quantized; give the floating-point model")
-    fp_model, tokenizer = load_fp_model(source, trust_remote_code=trust_remote_code)
     pipe = (
         pipeline
         if isinstance(pipeline, Pipeline)
         else Pipeline(pipeline or default_pipeline().passes)
     )
+    if low_memory:
+        if out is None:
+            raise PtqUsageError("--low-memory streams blocks to the output: give -o/--output")
+        return _quantize_low_memory(
+            source,
+            scheme,
+            pipe,
+            out,
+            calibration=calibration,
+            evaluate=evaluate,
+            seed=seed,
+            overwrite=overwrite,
+            restart=restart,
+            progress=progress,
+            trust_remote_code=trust_remote_code,
+            log=log,
+            start=start,
+        )
+    fp_model, tokenizer = load_fp_model(source, trust_remote_code=trust_remote_code)
     try:
         plan = build_plan(fp_model, scheme)
     except ValueError as exc:
@@ -157,5 +180,85 @@ def quantize(
                 fp_model, plan, source.path, source.config, tmp, records=ctx.records
             )
         log(f"wrote {out}")
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _quantize_low_memory(
+    source: ModelSource,
+    scheme: Scheme,
+    pipe: Pipeline,
+    out: Path,
+    *,
+    calibration: CalibrationConfig | None,
+    evaluate: EvalConfig | bool,
+    seed: int,
+    overwrite: bool,
+    restart: bool,
+    progress: bool,
+    trust_remote_code: bool,
+    log: Any,
+    start: float,
+) -> QuantizeResult:
+    from transformers import AutoTokenizer
+
+    from ptq.calibration.lazy_runner import _skeleton
+    from ptq.lowmem import quantize_low_memory
+    from ptq.models.quantized_loader import load_quantized_model
+
+    if len(pipe.passes) != 1:
+        raise PtqUsageError(
+            "--low-memory runs a single weight pass (rtn, gptq, adaround, adaquant)"
+        )
+    skeleton = _skeleton(source.path, trust_remote_code)
+    try:
+        plan = build_plan(skeleton, scheme)
+    except ValueError as exc:
+        raise PtqUsageError(str(exc)) from None
+    del skeleton
+    for note in plan.notes:
+        log(f"note: {note}")
+    tokenizer = AutoTokenizer.from_pretrained(source.path)
+    ctx = PassContext(seed=seed, progress=progress)
+    if pipe.needs_calibration:
+        from ptq.calibration.text import calibration_batches
+
+        cal = calibration or CalibrationConfig()
+        ctx.calibration = calibration_batches(
+            tokenizer, path=cal.path, n_samples=cal.samples, seqlen=cal.seqlen, seed=seed
+        )
+    run_key = {
+        "model": str(source.path.resolve()),
+        "plan": plan.to_dict(),
+        "pipeline": repr(pipe),
+        "seed": seed,
+    }
+    records = quantize_low_memory(
+        source,
+        plan,
+        pipe.passes[0],
+        ctx,
+        out,
+        overwrite=overwrite,
+        restart=restart,
+        run_key=run_key,
+        trust_remote_code=trust_remote_code,
+    )
+    log(f"wrote {out}")
+    model, _ = load_quantized_model(out) if evaluate else (None, None)
+    result = QuantizeResult(model=model, plan=plan, output=out, records={"layers": records})
+    eval_cfg = EvalConfig() if evaluate is True else (evaluate or None)
+    if eval_cfg is not None and model is not None:
+        ids = tokenize_eval_text(tokenizer, eval_cfg.text or default_eval_file(), eval_cfg.tokens)
+        fp_model, _ = load_fp_model(source, trust_remote_code=trust_remote_code)
+        result.fp_ppl = perplexity(
+            fp_model, ids, seqlen=eval_cfg.seqlen, progress=progress, desc="eval fp"
+        )
+        del fp_model
+        log(f"FP perplexity: {result.fp_ppl:.4f} ({ids.numel()} tokens)")
+        result.quant_ppl = perplexity(
+            model, ids, seqlen=eval_cfg.seqlen, progress=progress, desc="eval quant"
+        )
+        log(f"quantized perplexity: {result.quant_ppl:.4f} (scheme {scheme.name})")
     result.seconds = time.perf_counter() - start
     return result

@@ -143,6 +143,67 @@ def main() -> None:
 @click.option("--seqlen", type=int, default=512, show_default=True, help="Evaluation window.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow code from the model folder to run.")
+@click.option(
+    "--low-memory",
+    is_flag=True,
+    help="Load, quantize and write one decoder block at a time (resumable).",
+)
+@click.option(
+    "--restart",
+    is_flag=True,
+    help="With --low-memory: discard an interrupted run of another command.",
+)
+@click.option(
+    "--recipe",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="YAML/JSON recipe: scheme, calibration and passes.",
+)
+@click.option(
+    "--percdamp",
+    type=float,
+    default=None,
+    help="GPTQ: Hessian damping (fraction of mean diagonal).",
+)
+@click.option(
+    "--act-order",
+    is_flag=True,
+    default=None,
+    help="GPTQ: quantize columns by decreasing Hessian diagonal.",
+)
+@click.option(
+    "--iterations", type=int, default=None, help="AdaRound/AdaQuant: optimisation steps per layer."
+)
+@click.option(
+    "--smoothquant",
+    is_flag=False,
+    flag_value="search",
+    default=None,
+    help="SmoothQuant with ALPHA, or per-group search when given alone.",
+)
+@click.option(
+    "--rotate", is_flag=True, help="Fuse randomised Hadamard rotations into the weights (QuaRot)."
+)
+@click.option(
+    "--lorc",
+    type=int,
+    default=None,
+    help="Low-rank compensation of the weight error with this rank.",
+)
+@click.option(
+    "--bias-correction", is_flag=True, help="Re-estimate biases of activation-quantized layers."
+)
+@click.option(
+    "--kv-cache",
+    type=click.Choice(["fp8_e4m3", "int8"]),
+    default=None,
+    help="Quantize the KV cache with calibrated scales.",
+)
+@click.option(
+    "--allow-pickle",
+    is_flag=True,
+    help="Accept pytorch_model.bin (loaded with weights_only=True, converted once).",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @_friendly
 def quantize(
@@ -159,6 +220,18 @@ def quantize(
     seqlen: int,
     overwrite: bool,
     trust_remote_code: bool,
+    low_memory: bool,
+    restart: bool,
+    recipe: Path | None,
+    percdamp: float | None,
+    act_order: bool | None,
+    iterations: int | None,
+    smoothquant: str | None,
+    rotate: bool,
+    lorc: int | None,
+    bias_correction: bool,
+    kv_cache: str | None,
+    allow_pickle: bool,
     quiet: bool,
     **scheme_kw: Any,
 ) -> None:
@@ -169,17 +242,51 @@ def quantize(
     _quiet_libraries(quiet)
     from ptq.passes.registry import make_weight_pass
 
-    scheme = build_scheme(**scheme_kw)
-    try:
-        weight_pass = make_weight_pass(method)
-    except ValueError as exc:
-        raise PtqUsageError(str(exc)) from None
+    knobs = {
+        k: v
+        for k, v in {"percdamp": percdamp, "act_order": act_order, "iterations": iterations}.items()
+        if v is not None
+    }
+    cal = CalibrationConfig(path=calib, samples=calib_samples, seqlen=calib_seqlen)
+    if recipe is not None:
+        from ptq.recipe import load_recipe
+
+        parsed = load_recipe(recipe)
+        has_flags = any(scheme_kw[k] for k in ("scheme_flags", "scheme_name", "weight_format"))
+        scheme = build_scheme(**scheme_kw) if has_flags or parsed.scheme is None else parsed.scheme
+        passes = parsed.pipeline.passes
+        cal = CalibrationConfig(
+            path=Path(parsed.calibration["path"]) if parsed.calibration.get("path") else calib,
+            samples=int(parsed.calibration.get("samples", calib_samples)),
+            seqlen=int(parsed.calibration.get("seqlen", calib_seqlen)),
+        )
+    else:
+        from ptq.compose import build_passes
+
+        scheme = build_scheme(**scheme_kw)
+        try:
+            make_weight_pass(method, **knobs)
+        except (ValueError, TypeError) as exc:
+            raise PtqUsageError(f"--method {method}: {exc}") from None
+        passes = build_passes(
+            scheme,
+            method=method,
+            knobs=knobs,
+            smoothquant=smoothquant,
+            rotate=rotate,
+            lorc=lorc,
+            bias_correction=bias_correction,
+            kv_cache=kv_cache,
+        )
+    from ptq.models.source import resolve_model
+
+    source = resolve_model(model, quiet=quiet, allow_pickle=allow_pickle)
     result = run(
-        model,
+        source,
         scheme,
         output=output,
-        pipeline=[weight_pass],
-        calibration=CalibrationConfig(path=calib, samples=calib_samples, seqlen=calib_seqlen),
+        pipeline=passes,
+        calibration=cal,
         evaluate=EvalConfig(text=eval_text, tokens=eval_tokens, seqlen=seqlen)
         if do_eval
         else False,
@@ -187,6 +294,8 @@ def quantize(
         overwrite=overwrite,
         progress=not quiet,
         trust_remote_code=trust_remote_code,
+        low_memory=low_memory,
+        restart=restart,
         log=click.echo,
     )
     if result.fp_ppl is not None and result.quant_ppl is not None:
@@ -267,6 +376,40 @@ def plan(model: str, as_json: bool, trust_remote_code: bool, **scheme_kw: Any) -
         click.echo(f"{name:<{width}}  {w:<16} {a:<24} {method}")
     click.echo(f"{len(the_plan.layers)} quantized, {len(the_plan.skipped)} skipped")
 
+
+@main.command()
+def formats() -> None:
+    """List every element format and preset with bits/weight, range and smallest step."""
+    from ptq.formats.table import format_table
+
+    rows = format_table()
+    header = ("name", "bits/weight", "max", "smallest step", "description")
+    cells = [header] + [
+        tuple(f"{c:g}" if isinstance(c, float) else str(c) for c in _row_cells(r)) for r in rows
+    ]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    for r in cells:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+def _row_cells(row: Any) -> tuple[Any, ...]:
+    if isinstance(row, dict):
+        return tuple(row.values())
+    if isinstance(row, tuple):
+        return row
+    return tuple(vars(row).values())
+
+
+def _register_commands() -> None:
+    from ptq.exporters.onnx.cli import export_command, run_command
+    from ptq.verify import verify
+
+    main.add_command(export_command)
+    main.add_command(run_command)
+    main.add_command(verify)
+
+
+_register_commands()
 
 if __name__ == "__main__":
     main()

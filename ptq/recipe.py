@@ -83,8 +83,11 @@ def build_config(cls: type, data: dict[str, Any], where: str) -> Any:
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise PtqInputError(f"{where}: unknown option(s) {unknown}; allowed: {sorted(allowed)}")
+    data = dict(data)
     for f in fields(cls):
         if f.name in data:
+            if isinstance(data[f.name], list) and typing.get_origin(hints[f.name]) is tuple:
+                data[f.name] = tuple(data[f.name])
             _check_type(data[f.name], hints[f.name], f"{where}.{f.name}")
         elif f.default is MISSING and f.default_factory is MISSING:
             raise PtqInputError(f"{where}: missing required option {f.name!r}")
@@ -94,11 +97,15 @@ def build_config(cls: type, data: dict[str, Any], where: str) -> Any:
         raise PtqInputError(f"{where}: {exc}") from None
 
 
-def parse_pass(entry: Any, index: int) -> Pass:
-    """One ``passes`` entry: ``{name: {options}}`` or a bare ``name``."""
-    from ptq.passes.registry import pass_table
+def parse_pass(entry: Any, index: int, previous: list[Pass] | None = None) -> Pass:
+    """One ``passes`` entry: ``{name: {options}}`` or a bare ``name``.
+
+    Wrapper passes (``lorc``, ``bias_correction``) wrap the pass listed just before them.
+    """
+    from ptq.passes.registry import pass_table, wrapper_table
 
     table = pass_table()
+    wrappers = wrapper_table()
     if isinstance(entry, str):
         name, options = entry, {}
     elif isinstance(entry, dict) and len(entry) == 1:
@@ -108,10 +115,16 @@ def parse_pass(entry: Any, index: int) -> Pass:
         raise PtqInputError(
             f"passes[{index}]: expected 'name' or {{name: {{options}}}}, got {entry!r}"
         )
+    if name in wrappers:
+        if not previous:
+            raise PtqInputError(
+                f"passes[{index}]: {name!r} wraps the pass before it; list a weight pass first"
+            )
+        wcls, wcfg = wrappers[name]
+        return wcls(previous.pop(), build_config(wcfg, options, f"passes[{index}].{name}"))  # type: ignore[no-any-return]
     if name not in table:
-        raise PtqInputError(
-            f"passes[{index}]: unknown pass {name!r}; valid: {', '.join(sorted(table))}"
-        )
+        valid = ", ".join(sorted([*table, *wrappers]))
+        raise PtqInputError(f"passes[{index}]: unknown pass {name!r}; valid: {valid}")
     cls, cfg_cls = table[name]
     return cls(build_config(cfg_cls, options, f"passes[{index}].{name}"))  # type: ignore[no-any-return]
 
@@ -152,7 +165,9 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     for key in ("samples", "seqlen"):
         if key in calibration:
             _check_type(calibration[key], int, f"{source}: calibration.{key}")
-    passes = [parse_pass(e, i) for i, e in enumerate(passes_raw)]
+    passes: list[Pass] = []
+    for i, entry in enumerate(passes_raw):
+        passes.append(parse_pass(entry, i, passes))
     return Recipe(scheme=scheme, pipeline=Pipeline(passes), calibration=dict(calibration))
 
 

@@ -35,7 +35,9 @@ class ModelSource:
         return "quantization_config" in self.config
 
 
-def resolve_model(spec: str | Path, *, quiet: bool = False) -> ModelSource:
+def resolve_model(
+    spec: str | Path, *, quiet: bool = False, allow_pickle: bool = False
+) -> ModelSource:
     """Turn a CLI/API model argument into a :class:`ModelSource`.
 
     Raises:
@@ -57,10 +59,10 @@ def resolve_model(spec: str | Path, *, quiet: bool = False) -> ModelSource:
         if path.suffix == ".gguf":
             return _read_folder(convert_gguf(path, quiet=quiet))
         raise PtqInputError(f"{path} is not a model: expected a folder or a .gguf file")
-    return _read_folder(path)
+    return _read_folder(path, allow_pickle)
 
 
-def _read_folder(path: Path) -> ModelSource:
+def _read_folder(path: Path, allow_pickle: bool = False) -> ModelSource:
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise PtqInputError(
@@ -75,6 +77,10 @@ def _read_folder(path: Path) -> ModelSource:
         raise PtqInputError(f"{cfg_path} must hold a JSON object")
     if not list(path.glob("*.safetensors")):
         pickles = [p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
+        if pickles and allow_pickle:
+            from ptq.models.pickle_source import convert_pickle_folder
+
+            return _read_folder(convert_pickle_folder(path))
         if pickles:
             raise PtqInputError(
                 f"{path} holds only pickle weights ({', '.join(pickles)}); ptq loads "
@@ -97,7 +103,13 @@ def load_fp_model(
     try:
         config = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code)
     except Exception as exc:
-        raise PtqInputError(f"cannot read {source.path / 'config.json'}: {exc}") from None
+        if "trust_remote_code" in str(exc):
+            raise PtqInputError(
+                f"{source.path / 'config.json'} needs custom code (auto_map); ptq runs no code "
+                f"from a model folder unless you pass --trust-remote-code (trust_remote_code)"
+            ) from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PtqInputError(f"cannot read {source.path / 'config.json'}: {first}") from None
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     archs = config.architectures or []

@@ -1,0 +1,160 @@
+"""W8A8 / FP8 / W4A8 accuracy on SmolLM2-135M: RTN vs SmoothQuant, rotation, LoRC.
+
+One run, same data for every row: calibration 32 x 256 tokens of the default text,
+perplexity on 4096 held-out tokens (``ptq.models.paths.default_eval_file()``) in
+512-token windows. The FP model is loaded and evaluated once; each row runs the same
+steps as ``ptq.api.quantize`` (``build_plan`` then a ``Pipeline`` of passes) on a copy,
+so the FP evaluation is not repeated per row. The table (ppl, ratio to FP, ratio to the
+same scheme's RTN row) is printed and written to ``benchmarks/results/w4a8_smollm2.md``
+after every row; the last row per W4A8 scheme combines what beat RTN with LoRC r32.
+
+Usage::
+
+    .venv/bin/python benchmarks/w4a8_smollm2.py [--only SUBSTRING] [--out PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from pathlib import Path
+
+from ptq.calibration.text import calibration_batches
+from ptq.evaluate import perplexity, tokenize_eval_text
+from ptq.formats import FP4_E2M1, INT4, PerGroup, QuantFormat
+from ptq.models.paths import default_eval_file
+from ptq.models.source import load_fp_model, resolve_model
+from ptq.passes.lorc import LoRCConfig, LoRCPass
+from ptq.passes.rotation import RotationConfig, RotationPass
+from ptq.passes.rtn import RTNPass
+from ptq.passes.smoothquant import SmoothQuantConfig, SmoothQuantPass
+from ptq.passes.zeroquant_fp import ZeroQuantFPConfig, ZeroQuantFPPass
+from ptq.pipeline import Pass, PassContext, Pipeline, QuantState
+from ptq.plan import build_plan
+from ptq.scheme import ACTIVATION_FORMATS, Scheme, get_scheme
+
+FP8_TOKEN = ACTIVATION_FORMATS["fp8"]
+SCHEMES: dict[str, Scheme] = {
+    "W8A8-INT": get_scheme("w8a8"),
+    "FP8": get_scheme("fp8"),
+    "W4A8 INT4-g64 x FP8": Scheme(
+        name="w4a8_int4_g64", weight=QuantFormat(INT4, PerGroup(64)), activation=FP8_TOKEN
+    ),
+    "W4A8 FP4-M2-g64 x FP8": Scheme(
+        name="w4a8_fp4_m2_g64",
+        weight=QuantFormat(FP4_E2M1, PerGroup(64), scale_format="pow2", channel_scale=True),
+        activation=FP8_TOKEN,
+    ),
+}
+
+
+def weight_pass(scheme: str) -> Pass:
+    return ZeroQuantFPPass(ZeroQuantFPConfig(variant="m2")) if "FP4" in scheme else RTNPass()
+
+
+def build(scheme: str, sq: str | None, rot: str | None, lorc: int) -> list[Pass]:
+    """Pipeline: [rotation] [smoothquant] weight pass (wrapped by LoRC if rank > 0)."""
+    passes: list[Pass] = []
+    if rot is not None:
+        passes.append(RotationPass(RotationConfig(online_down_proj=rot == "online")))
+    if sq == "search":
+        passes.append(SmoothQuantPass(SmoothQuantConfig(search=True)))
+    elif sq is not None:
+        passes.append(SmoothQuantPass(SmoothQuantConfig(alpha=float(sq))))
+    w = weight_pass(scheme)
+    passes.append(LoRCPass(w, LoRCConfig(rank=lorc)) if lorc else w)
+    return passes
+
+
+Row = tuple[str, str, str | None, str | None, int]
+S_INT4, S_FP4 = "W4A8 INT4-g64 x FP8", "W4A8 FP4-M2-g64 x FP8"
+# Ordered so that a partial run already answers the main questions.
+ROWS: list[Row] = [
+    ("W8A8-INT", "RTN", None, None, 0),
+    ("W8A8-INT", "+SmoothQuant (search)", "search", None, 0),
+    ("FP8", "RTN", None, None, 0),
+    (S_INT4, "RTN", None, None, 0),
+    (S_FP4, "RTN", None, None, 0),
+    (S_INT4, "+SmoothQuant (search)", "search", None, 0),
+    (S_FP4, "+SmoothQuant (search)", "search", None, 0),
+    (S_INT4, "+rotation (online H down)", None, "online", 0),
+    (S_FP4, "+rotation (online H down)", None, "online", 0),
+    (S_INT4, "+LoRC r8", None, None, 8),
+    (S_INT4, "+LoRC r32", None, None, 32),
+    (S_FP4, "+LoRC r8", None, None, 8),
+    (S_FP4, "+LoRC r32", None, None, 32),
+]
+
+
+def best_combination(scheme: str, done: dict[tuple[str, str], float]) -> Row:
+    """Every component that beat RTN on its own, together, with LoRC r32."""
+    rtn = done[(scheme, "RTN")]
+    sq = "search" if done.get((scheme, "+SmoothQuant (search)"), rtn) < rtn else None
+    rot = "online" if done.get((scheme, "+rotation (online H down)"), rtn) < rtn else None
+    parts = [n for n, on in (("rotation", rot), ("SQ", sq)) if on] + ["LoRC r32"]
+    return (scheme, "best: " + " + ".join(parts), sq, rot, 32)
+
+
+def table(fp: float, results: list[tuple[str, str, float, float]]) -> str:
+    rtn = {s: p for s, v, p, _ in results if v == "RTN"}
+    lines = [
+        "| scheme | method | ppl | ppl / FP | ppl / RTN (same scheme) | seconds |",
+        "|---|---|---|---|---|---|",
+        f"| FP32 | - | {fp:.3f} | 1.000 | - | - |",
+    ]
+    for s, v, p, sec in results:
+        r_rtn = f"{p / rtn[s]:.3f}" if s in rtn else "-"
+        lines.append(f"| {s} | {v} | {p:.3f} | {p / fp:.3f} | {r_rtn} | {sec:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", default="", help="run rows whose 'scheme method' contains this")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/w4a8_smollm2.md"))
+    args = ap.parse_args()
+    source = resolve_model("default", quiet=True)
+    fp_model, tokenizer = load_fp_model(source)
+    eval_ids = tokenize_eval_text(tokenizer, default_eval_file(), 4096)
+    calib = calibration_batches(tokenizer, path=None, n_samples=32, seqlen=256, seed=0)
+    fp = perplexity(fp_model, eval_ids, seqlen=512, progress=False)
+    print(f"FP perplexity {fp:.3f} ({eval_ids.numel()} tokens)", flush=True)
+    header = (
+        "# SmolLM2-135M: W8A8 / FP8 / W4A8 perplexity (one run, same data)\n\n"
+        "Calibration: 32 x 256 tokens (default text, seed 0). Eval: 4096 held-out tokens "
+        "(`default_eval_file()`), seqlen 512. Activations: dynamic per-token (INT8 for "
+        "W8A8, FP8 E4M3 otherwise). FP4 rows: ZeroQuant-FP M2 (per-row real scale x "
+        "per-group power-of-two, exact FP4->FP8 cast). SmoothQuant: alpha searched per "
+        "group on 0.3..0.9 (or off). Rotation: QuaRot randomised Hadamard + online "
+        "Hadamard before down_proj. LoRC: fp16 factors.\n"
+        "Command: `.venv/bin/python benchmarks/w4a8_smollm2.py`\n\n"
+    )
+    results: list[tuple[str, str, float, float]] = []
+    done: dict[tuple[str, str], float] = {}
+    rows = list(ROWS)
+    i = 0
+    while i < len(rows):
+        scheme, variant, sq, rot, lorc = rows[i]
+        i += 1
+        if args.only and args.only not in f"{scheme} {variant}":
+            continue
+        start = time.perf_counter()
+        model = copy.deepcopy(fp_model)
+        plan = build_plan(model, SCHEMES[scheme])
+        ctx = PassContext(seed=0, progress=False, calibration=calib)
+        Pipeline(build(scheme, sq, rot, lorc)).run(QuantState(model, plan, tokenizer), ctx)
+        ppl = perplexity(model, eval_ids, seqlen=512, progress=False)
+        del model
+        done[(scheme, variant)] = ppl
+        results.append((scheme, variant, ppl, time.perf_counter() - start))
+        print(f"{scheme:24s} {variant:42s} ppl {ppl:9.3f}  (FP {fp:.3f})", flush=True)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(header + table(fp, results) + "\n")
+        if variant == "+LoRC r32" and not args.only:
+            rows.append(best_combination(scheme, done))
+    print(table(fp, results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""KV-cache quantization with calibrated per-layer scales (FP8 E4M3 or INT8).
+
+Runtimes such as vLLM store keys and values in 8 bits with one scale per layer,
+``k_scale = r_k / q_max`` and ``v_scale = r_v / q_max``, where ``r`` is the calibrated
+range. The runtime quantizes keys *after* RoPE; RoPE rotates pairs of channels
+``(k_i, k_{i + d/2})`` within a head, so ``|RoPE(k)_i| <= sqrt(k_i^2 + k_{i+d/2}^2)``
+for every position. Taking ``r_k`` as the maximum of that pair norm (``rope_safe``)
+gives a scale that never clips post-RoPE keys, although it is observed on ``k_proj``.
+
+Emulation: a :class:`KVFakeQuant` child (``self_attn.k_quant`` / ``v_quant``) is applied
+to ``k_proj``/``v_proj`` outputs by a forward hook (before RoPE for keys: an
+approximation of the runtime's post-RoPE rounding with the same scale).
+:func:`kv_cache_scales` returns the tensors to export.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import nn
+
+from ptq.activation import fake_quantize_activation
+from ptq.formats import FP8_E4M3, INT8, ElementFormat
+from ptq.passes._groups import child, llama_residual, tensor_attr
+from ptq.passes.act_calibration import run_calibration
+from ptq.pipeline import Pass, PassContext, QuantState
+from ptq.scheme import ActivationScheme
+
+KVDtype = Literal["fp8_e4m3", "int8"]
+_ELEMENTS: dict[str, ElementFormat] = {"fp8_e4m3": FP8_E4M3, "int8": INT8}
+
+
+class KVFakeQuant(nn.Module):
+    """Per-tensor static fake-quantization of a key or value projection's output."""
+
+    def __init__(self, dtype: KVDtype, scale: torch.Tensor) -> None:
+        super().__init__()
+        self.dtype = dtype
+        self.scheme = ActivationScheme(
+            element=_ELEMENTS[dtype], granularity="tensor", dynamic=False
+        )
+        self.register_buffer("scale", scale.reshape(1).float(), persistent=False)
+        self.handle: Any = None
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return fake_quantize_activation(y, self.scheme, tensor_attr(self, "scale"))
+
+    def extra_repr(self) -> str:
+        return f"dtype={self.dtype}, scale={float(tensor_attr(self, 'scale')):.4g}"
+
+
+def rope_pair_absmax(k: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """``max sqrt(k_i^2 + k_{i+d/2}^2)`` over heads, positions and pairs (RoPE-invariant)."""
+    pairs = k.float().reshape(-1, k.shape[-1] // head_dim, 2, head_dim // 2)
+    return pairs.pow(2).sum(dim=2).sqrt().amax()
+
+
+@dataclass(frozen=True, kw_only=True)
+class KVCacheConfig:
+    """Args:
+    dtype: ``fp8_e4m3`` or ``int8`` cache elements.
+    rope_safe: Key range from the RoPE pair-norm bound (else plain ``max |k|``).
+    batch_size: Calibration sequences per forward.
+    """
+
+    dtype: KVDtype = "fp8_e4m3"
+    rope_safe: bool = True
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _ELEMENTS:
+            raise ValueError(
+                f"KV-cache dtype must be one of {sorted(_ELEMENTS)}, not {self.dtype!r}"
+            )
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+def _install(attn: nn.Module, proj: str, quant: KVFakeQuant) -> None:
+    setattr(attn, f"{proj[0]}_quant", quant)
+
+    def hook(_m: nn.Module, _args: tuple[Any, ...], y: torch.Tensor) -> torch.Tensor:
+        return quant(y)
+
+    quant.handle = getattr(attn, proj).register_forward_hook(hook)
+
+
+class KVCachePass(Pass):
+    """Calibrate per-layer ``k_scale``/``v_scale`` and fake-quantize k/v projections."""
+
+    name: ClassVar[str] = "kv_cache"
+    requires: ClassVar[tuple[str, ...]] = ("weights_quantized",)
+    ensures: ClassVar[tuple[str, ...]] = ("kv_cache_quantized",)
+    needs_calibration: ClassVar[bool] = True
+
+    def __init__(self, config: KVCacheConfig | None = None) -> None:
+        self.config = config or KVCacheConfig()
+
+    def run(self, state: QuantState, ctx: PassContext) -> None:
+        if ctx.calibration is None:
+            raise ValueError("kv_cache needs calibration tokens (ctx.calibration is None)")
+        model = state.model
+        ranges: dict[str, torch.Tensor] = {}
+        handles = []
+        for p in llama_residual(model).layers:
+            attn = model.get_submodule(f"{p}.self_attn")
+            if hasattr(attn, "k_quant"):
+                raise ValueError(f"{p}.self_attn already has KV-cache quantization")
+            head_dim = int(getattr(attn, "head_dim", 0)) or int(
+                tensor_attr(child(attn, "k_proj"), "weight").shape[0]
+                // int(getattr(model.config, "num_key_value_heads", 1))
+            )
+            for proj in ("k_proj", "v_proj"):
+                key = f"{p}.self_attn.{proj[0]}_scale"
+                rope = proj == "k_proj" and self.config.rope_safe
+
+                def hook(
+                    _m: nn.Module,
+                    _a: tuple[Any, ...],
+                    y: torch.Tensor,
+                    key: str = key,
+                    rope: bool = rope,
+                    hd: int = head_dim,
+                ) -> None:
+                    r = rope_pair_absmax(y.detach(), hd) if rope else y.detach().abs().amax()
+                    ranges[key] = torch.maximum(ranges[key], r) if key in ranges else r.float()
+
+                handles.append(getattr(attn, proj).register_forward_hook(hook))
+        try:
+            run_calibration(model, ctx.calibration, self.config.batch_size)
+        finally:
+            for h in handles:
+                h.remove()
+        qmax = _ELEMENTS[self.config.dtype].max_value
+        for p in llama_residual(model).layers:
+            attn = model.get_submodule(f"{p}.self_attn")
+            for proj in ("k_proj", "v_proj"):
+                r = ranges[f"{p}.self_attn.{proj[0]}_scale"]
+                scale = torch.where(r > 0, r / qmax, torch.ones_like(r))
+                _install(attn, proj, KVFakeQuant(self.config.dtype, scale))
+        ctx.records["kv_cache"] = {
+            "dtype": self.config.dtype,
+            "scales": {k: float(v) for k, v in kv_cache_scales(model).items()},
+        }
+
+
+def kv_cache_scales(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``{"model.layers.i.self_attn.k_scale": [1] fp32, ... v_scale ...}`` to export."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, KVFakeQuant):
+            prefix, _, leaf = name.rpartition(".")
+            out[f"{prefix}.{leaf[0]}_scale"] = tensor_attr(m, "scale").detach().clone()
+    return out

@@ -1,0 +1,121 @@
+"""ORT logits of the exported graph vs the PyTorch emulation, for every scheme.
+
+Tolerances: with fp32 activations in the weight op (``accuracy_level=0``, or ``dq`` with
+ORT's DQ->MatMulNBits fusion pinned to level 0) the graph computes the emulation's
+numbers up to fp32 summation order: max |diff| <= 1e-4 on logits of size ~1. With
+``accuracy_level=4`` ORT quantizes activations to int8 per block inside MatMulNBits
+(not part of the emulation), so the bound is 5e-2 and top-1 must still agree fully.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from ptq.api import quantize
+from ptq.exporters.onnx import export_onnx
+from ptq.exporters.onnx.runtime import forward, make_session
+from ptq.qlinear import QuantLinear
+from ptq.scheme import Scheme, get_scheme
+
+EXACT_TOL = 1e-4
+INT8_ACT_TOL = 5e-2
+SCHEMES = ["w4a16", "w8a16", "w8a8", "fp8", "lorc"]
+
+
+@functools.lru_cache(maxsize=8)
+def _model(tiny_llama: Path, scheme: str) -> Any:
+    name = "w4a16" if scheme == "lorc" else scheme
+    model: Any = quantize(tiny_llama, get_scheme(name), progress=False, log=lambda *_: None).model
+    if scheme == "lorc":
+        layer = model.model.layers[0].mlp.down_proj
+        assert isinstance(layer, QuantLinear)
+        gen = torch.Generator().manual_seed(3)
+        layer.set_lorc(
+            0.05 * torch.randn(layer.out_features, 8, generator=gen),
+            0.05 * torch.randn(8, layer.in_features, generator=gen),
+        )
+    return model
+
+
+def _compare(model: nn.Module, session: object, ids: torch.Tensor) -> tuple[float, float]:
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits.numpy()
+    out, _ = forward(session, ids.numpy())
+    return float(np.abs(out - ref).max()), float((out.argmax(-1) == ref.argmax(-1)).mean())
+
+
+@pytest.fixture(scope="module")
+def ids() -> torch.Tensor:
+    return torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_ort_matches_emulation(
+    tiny_llama: Path, tmp_path: Path, ids: torch.Tensor, scheme: str
+) -> None:
+    model = _model(tiny_llama, scheme)
+    exact = export_onnx(model, tmp_path / "a0.onnx", accuracy_level=0)
+    diff, top1 = _compare(model, make_session(exact), ids)
+    assert diff <= EXACT_TOL and top1 == 1.0, (diff, top1)
+    fast = export_onnx(model, tmp_path / "a4.onnx", accuracy_level=4)
+    diff, top1 = _compare(model, make_session(fast), ids)
+    assert diff <= INT8_ACT_TOL and top1 == 1.0, (diff, top1)
+    dq = export_onnx(model, tmp_path / "dq.onnx", weight_op="dq")
+    diff, top1 = _compare(model, make_session(dq, dq_accuracy_level=0), ids)
+    assert diff <= EXACT_TOL and top1 == 1.0, (diff, top1)
+
+
+def test_graph_ops_per_scheme(tiny_llama: Path, tmp_path: Path) -> None:
+    def ops(scheme: str, **kw: Any) -> set[str]:
+        tag = "_".join(str(v) for v in kw.values())
+        path = export_onnx(_model(tiny_llama, scheme), tmp_path / f"{scheme}{tag}.onnx", **kw)
+        model = onnx.load(str(path))
+        onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+        return {n.op_type for n in model.graph.node}
+
+    w4 = ops("w4a16")
+    assert "MatMulNBits" in w4 and "QuantizeLinear" not in w4
+    w4dq = ops("w4a16", weight_op="dq")
+    assert "MatMulNBits" not in w4dq and "DequantizeLinear" in w4dq
+    w8a8 = ops("w8a8")
+    assert {"QuantizeLinear", "DequantizeLinear", "ReduceMax"} <= w8a8
+    model = onnx.load(str(tmp_path / "w4a16.onnx"))
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 14
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nbits[0].attribute}
+    assert attrs["bits"] == 4 and attrs["block_size"] == 64 and attrs["accuracy_level"] == 4
+
+
+def test_fp_model_and_unsupported_arch(tiny_llama: Path, tmp_path: Path, ids: torch.Tensor) -> None:
+    from ptq.errors import PtqUsageError
+    from ptq.models.source import load_fp_model, resolve_model
+
+    fp: Any
+    fp, _ = load_fp_model(resolve_model(str(tiny_llama)))
+    path = export_onnx(tiny_llama, tmp_path / "fp")
+    assert path == tmp_path / "fp" / "model.onnx" and (tmp_path / "fp" / "tokenizer.json").is_file()
+    diff, top1 = _compare(fp, make_session(path), ids)
+    assert diff <= EXACT_TOL and top1 == 1.0
+    fp.config.model_type = "gpt_neox"
+    with pytest.raises(PtqUsageError, match="gpt_neox"):
+        export_onnx(fp, tmp_path / "x.onnx")
+    with pytest.raises(PtqUsageError, match="weight_op"):
+        export_onnx(fp, tmp_path / "y.onnx", weight_op="bogus")
+
+
+def test_mse_clipped_scheme_exports(tiny_llama: Path, tmp_path: Path, ids: torch.Tensor) -> None:
+    from ptq.formats import INT4, PerGroup, QuantFormat
+
+    scheme = Scheme(name="w4-mse", weight=QuantFormat(INT4, PerGroup(64), clip="mse"))
+    model = quantize(tiny_llama, scheme, progress=False, log=lambda *_: None).model
+    path = export_onnx(model, tmp_path / "m.onnx", accuracy_level=0)
+    diff, top1 = _compare(model, make_session(path), ids)
+    assert diff <= EXACT_TOL and top1 == 1.0

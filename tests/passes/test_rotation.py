@@ -1,0 +1,81 @@
+"""QuaRot rotation: the rotated FP model computes the same logits."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from ptq.passes.rotation import OnlineHadamardMLP, RotationConfig, RotationPass
+from ptq.passes.rtn import RTNPass
+from ptq.pipeline import PassContext, Pipeline, QuantState
+from ptq.plan import build_plan
+from ptq.qlinear import QuantLinear
+from ptq.scheme import get_scheme
+
+
+def tiny(seed: int = 0, **kw: Any) -> LlamaForCausalLM:
+    cfg: dict[str, Any] = dict(
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=192,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+    )
+    cfg.update(kw)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**cfg)).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:  # non-trivial RMSNorm scales, so folding matters
+                p.copy_(torch.rand_like(p) * 1.5 + 0.25)
+    return model
+
+
+@pytest.mark.parametrize("online", [False, True])
+@pytest.mark.parametrize("tied", [True, False])
+def test_rotated_model_same_logits(online: bool, tied: bool) -> None:
+    ids = torch.randint(0, 320, (2, 48), generator=torch.Generator().manual_seed(0))
+    model = tiny(tie_word_embeddings=tied)
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    ctx = PassContext(seed=3)
+    plan = build_plan(model, get_scheme("w8a8"))
+    RotationPass(RotationConfig(online_down_proj=online)).run(
+        QuantState(model=model, plan=plan), ctx
+    )
+    with torch.no_grad():
+        out = model(input_ids=ids).logits
+    assert (out - ref).abs().max() < 1e-3
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    assert ctx.records["rotation"]["untied_lm_head"] is tied
+    assert model.config.tie_word_embeddings is False or not tied
+    for layer in model.model.layers:
+        assert torch.equal(layer.input_layernorm.weight, torch.ones(64))
+        assert isinstance(layer.mlp, OnlineHadamardMLP) is online
+    # the embedding really changed (it is rotated)
+    fresh = tiny(tie_word_embeddings=tied).model.embed_tokens.weight
+    assert not torch.allclose(model.model.embed_tokens.weight, fresh)
+
+
+def test_rotation_then_rtn_quantizes_inside_wrapper() -> None:
+    model = tiny(tie_word_embeddings=False)
+    plan = build_plan(model, get_scheme("w4a8"))
+    Pipeline([RotationPass(RotationConfig(online_down_proj=True)), RTNPass()]).run(
+        QuantState(model=model, plan=plan), PassContext()
+    )
+    assert isinstance(model.model.layers[0].mlp.down_proj, QuantLinear)
+    out = model(input_ids=torch.randint(0, 320, (1, 16))).logits
+    assert torch.isfinite(out).all()
+
+
+def test_rotation_after_quantization_is_refused() -> None:
+    model = tiny()
+    plan = build_plan(model, get_scheme("w8a8"))
+    with pytest.raises(ValueError, match="before weight quantization"):
+        Pipeline([RTNPass(), RotationPass()]).run(QuantState(model=model, plan=plan), PassContext())
