@@ -18,6 +18,7 @@ produces the same bytes as an uninterrupted run; a changed command is refused un
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import shutil
@@ -104,10 +105,17 @@ def _load_into(
         )
 
 
+def _free_outer(model: nn.Module) -> None:
+    """Move the embedding and the head back to meta once block 0's inputs are captured."""
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+        if module is not None:
+            module.to("meta")
+
+
 def _param_or_buffer(root: nn.Module, name: str) -> torch.Tensor:
     mod_name, _, attr = name.rpartition(".")
     mod = root.get_submodule(mod_name) if mod_name else root
-    return getattr(mod, attr)  # type: ignore[no-any-return]
+    return getattr(mod, attr)
 
 
 class LazyBlockRunner:
@@ -198,13 +206,14 @@ class LazyBlockRunner:
         outer = [n for n in index if not n.startswith(block_prefix)]
         _load_into(model, index, "", outer, later=(block_prefix,))
         if getattr(model.config, "tie_word_embeddings", False):
-            model.tie_weights()
+            model.tie_weights()  # type: ignore[operator]
         state = self._state()
         self.work_dir.mkdir(parents=True, exist_ok=True)
         start = int(state["blocks_done"]) if state else 0
         files: list[str] = list(state["files"]) if state else []
         batches = list(calibration.split(self.batch_size))
         inputs = capture_block_inputs(model, blocks[0], batches)
+        _free_outer(model)  # embeddings/head are re-read from the source at export time
         if start:
             acts = load_file(str(self.work_dir / ACTS_FILE))
             inputs = [replace(x, hidden=acts[f"batch{i}"]) for i, x in enumerate(inputs)]
@@ -230,7 +239,7 @@ class LazyBlockRunner:
                             stage,
                             prefix,
                             self.request,
-                            lambda b=block, xs=inputs: run_block(b, xs),
+                            functools.partial(run_block, block, inputs),
                         )
                     else:
                         stats = {n: LayerStats(max_rows=0) for n in stage}
@@ -246,7 +255,8 @@ class LazyBlockRunner:
             )
             files.append(fname)
             self._save_state(i + 1, inputs, files)
-            blocks[i] = block.to("meta")  # free this block's weights
+            blocks[i] = nn.Identity()  # drop this block: weights, codes and scales are on disk
+            del block
             if self.after_block is not None:
                 self.after_block(i)
         return LazyResult(self.work_dir, files, "", start)

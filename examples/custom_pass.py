@@ -58,10 +58,15 @@ def main(model: str = "default", out: str = "out/custom-pass") -> None:
         "w4a16",
         output=out,
         overwrite=True,
-        pipeline=[WeightClipPass(WeightClipConfig(k=5.0)), GPTQPass(GPTQPassConfig(act_order=True))],
+        pipeline=[
+            WeightClipPass(WeightClipConfig(k=5.0)),
+            GPTQPass(GPTQPassConfig(act_order=True)),
+        ],
         calibration=CalibrationConfig(samples=16, seqlen=128),
     )
-    print(f"clipped {result.records['weight_clip']['clipped_values']} weights; wrote {result.output}")
+    print(
+        f"clipped {result.records['weight_clip']['clipped_values']} weights; wrote {result.output}"
+    )
 
 
 if __name__ == "__main__":

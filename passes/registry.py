@@ -19,6 +19,7 @@ def pass_table() -> dict[str, tuple[type, type]]:
         AdaRoundPass,
         AdaRoundPassConfig,
     )
+    from ptq.passes.bit_allocation import BitAllocationConfig, BitAllocationPass
     from ptq.passes.gptq import GPTQPass, GPTQPassConfig
     from ptq.passes.kv_cache import KVCacheConfig, KVCachePass
     from ptq.passes.rotation import RotationConfig, RotationPass
@@ -36,6 +37,7 @@ def pass_table() -> dict[str, tuple[type, type]]:
         "rotation": (RotationPass, RotationConfig),
         "act_calibration": (ActCalibrationPass, ActCalibrationConfig),
         "kv_cache": (KVCachePass, KVCacheConfig),
+        "bit_allocation": (BitAllocationPass, BitAllocationConfig),
     }
 
 
@@ -56,4 +58,4 @@ def make_weight_pass(method: str, **options: Any) -> Pass:
     if method not in table:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(sorted(table))}")
     cls, cfg = table[method]
-    return cls(cfg(**options))  # type: ignore[no-any-return]
+    return cls(cfg(**options))

@@ -50,6 +50,6 @@ class RTNPass(Pass):
         ]
         for lp in tqdm(layers, desc="rtn", disable=not ctx.progress, unit="layer"):
             module = state.model.get_submodule(lp.name)
-            q = quantize(weight_2d(module).to(module.weight.dtype), lp.weight)
+            q = quantize(weight_2d(module).float(), lp.weight)
             bias = getattr(module, "bias", None)
             replace_module(state.model, lp.name, quantized_module(module, q, bias, lp.activation))

@@ -46,7 +46,7 @@ class EvalConfig:
 class QuantizeResult:
     """What a run produced."""
 
-    model: nn.Module
+    model: nn.Module | None
     plan: QuantPlan
     output: Path | None
     fp_ppl: float | None = None

@@ -43,6 +43,12 @@ def _quiet_libraries(quiet: bool) -> None:
         hf_logging.disable_progress_bar()
 
 
+def _budget_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    from ptq.passes.allocation.cli import budget_options
+
+    return budget_options(fn)
+
+
 def scheme_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """The scheme flags shared by ``quantize`` and ``plan``."""
     for name in reversed(SCHEME_FLAGS):
@@ -205,6 +211,7 @@ def main() -> None:
     help="Accept pytorch_model.bin (loaded with weights_only=True, converted once).",
 )
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@_budget_options
 @_friendly
 def quantize(
     model: str,
@@ -233,6 +240,10 @@ def quantize(
     kv_cache: str | None,
     allow_pickle: bool,
     quiet: bool,
+    budget: str | None,
+    budget_latency: str | None,
+    candidates: str,
+    estimator: str,
     **scheme_kw: Any,
 ) -> None:
     """Quantize MODEL (a HF folder, a .gguf file, or 'default') into OUTPUT."""
@@ -263,6 +274,9 @@ def quantize(
     else:
         from ptq.compose import build_passes
 
+        has_scheme = any(scheme_kw[k] for k in ("scheme_flags", "scheme_name", "weight_format"))
+        if (budget or budget_latency) and not has_scheme:
+            scheme_kw["scheme_name"] = "w4a16"  # the allocation decides the formats
         scheme = build_scheme(**scheme_kw)
         try:
             make_weight_pass(method, **knobs)
@@ -407,6 +421,9 @@ def _register_commands() -> None:
     main.add_command(export_command)
     main.add_command(run_command)
     main.add_command(verify)
+    from ptq.passes.allocation.cli import allocate
+
+    main.add_command(allocate)
 
 
 _register_commands()

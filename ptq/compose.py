@@ -7,11 +7,15 @@ model run first, the weight pass quantizes, calibration of static scales follows
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ptq.errors import PtqUsageError
 from ptq.pipeline import Pass
 from ptq.scheme import Scheme
+
+if TYPE_CHECKING:
+    from ptq.passes.kv_cache import KVDtype
+    from ptq.passes.lorc import FactorFormat
 
 
 def build_passes(
@@ -63,7 +67,9 @@ def build_passes(
         if lorc is not None:
             from ptq.passes.lorc import LoRCConfig, LoRCPass
 
-            weight = LoRCPass(weight, LoRCConfig(rank=lorc, factor_format=lorc_format))  # type: ignore[arg-type]
+            weight = LoRCPass(
+                weight, LoRCConfig(rank=lorc, factor_format=cast(FactorFormat, lorc_format))
+            )
         static = scheme.activation is not None and not scheme.activation.dynamic
         inner: list[Pass] = [weight]
         if static:
@@ -79,7 +85,7 @@ def build_passes(
         if kv_cache is not None:
             from ptq.passes.kv_cache import KVCacheConfig, KVCachePass
 
-            passes.append(KVCachePass(KVCacheConfig(dtype=kv_cache)))  # type: ignore[arg-type]
+            passes.append(KVCachePass(KVCacheConfig(dtype=cast(KVDtype, kv_cache))))
     except (ValueError, TypeError) as exc:
         raise PtqUsageError(str(exc)) from None
     return passes

@@ -107,7 +107,7 @@ def parse_pass(entry: Any, index: int, previous: list[Pass] | None = None) -> Pa
     table = pass_table()
     wrappers = wrapper_table()
     if isinstance(entry, str):
-        name, options = entry, {}
+        name, options = entry, dict[str, Any]()
     elif isinstance(entry, dict) and len(entry) == 1:
         name, options = next(iter(entry.items()))
         options = options or {}
@@ -121,12 +121,12 @@ def parse_pass(entry: Any, index: int, previous: list[Pass] | None = None) -> Pa
                 f"passes[{index}]: {name!r} wraps the pass before it; list a weight pass first"
             )
         wcls, wcfg = wrappers[name]
-        return wcls(previous.pop(), build_config(wcfg, options, f"passes[{index}].{name}"))  # type: ignore[no-any-return]
+        return wcls(previous.pop(), build_config(wcfg, options, f"passes[{index}].{name}"))
     if name not in table:
         valid = ", ".join(sorted([*table, *wrappers]))
         raise PtqInputError(f"passes[{index}]: unknown pass {name!r}; valid: {valid}")
     cls, cfg_cls = table[name]
-    return cls(build_config(cfg_cls, options, f"passes[{index}].{name}"))  # type: ignore[no-any-return]
+    return cls(build_config(cfg_cls, options, f"passes[{index}].{name}"))
 
 
 def parse_recipe(data: Any, source: str = "recipe") -> Recipe:

@@ -134,7 +134,7 @@ class Scheme:
         if weight is not None:
             new = replace(new, weight=weight)
         if activation != "keep":
-            new = replace(new, activation=activation)  # type: ignore[arg-type]
+            new = replace(new, activation=activation)
         if ignore is not None:
             new = replace(new, ignore=tuple(ignore))
         if group_size is not None:

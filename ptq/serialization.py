@@ -53,7 +53,7 @@ def element_from_dict(data: dict[str, Any]) -> IntFormat | FloatFormat:
     kind = data.pop("kind", None)
     if kind not in _ELEMENTS:
         raise ValueError(f"element kind must be one of {sorted(_ELEMENTS)}, got {kind!r}")
-    return _build(_ELEMENTS[kind], data, f"{kind} element")  # type: ignore[no-any-return]
+    return _build(_ELEMENTS[kind], data, f"{kind} element")
 
 
 def granularity_to_dict(gran: Any) -> dict[str, Any]:
@@ -82,4 +82,4 @@ def format_from_dict(data: dict[str, Any]) -> QuantFormat:
     data["element"] = element_from_dict(data["element"])
     if "granularity" in data:
         data["granularity"] = granularity_from_dict(data["granularity"])
-    return _build(QuantFormat, data, "weight format")  # type: ignore[no-any-return]
+    return _build(QuantFormat, data, "weight format")

@@ -12,16 +12,33 @@ import pytest
 Run = Callable[..., object]
 
 
-def test_quantize_then_eval(run_cli: Run, tiny_llama: Path, text_file: Path, tmp_path: Path) -> None:
+def test_quantize_then_eval(
+    run_cli: Run, tiny_llama: Path, text_file: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "q"
-    r = run_cli("quantize", str(tiny_llama), "--w4a16", "-o", str(out), "-q", "--eval",
-                "--eval-text", str(text_file), "--eval-tokens", "600", "--seqlen", "100")
+    r = run_cli(
+        "quantize",
+        str(tiny_llama),
+        "--w4a16",
+        "-o",
+        str(out),
+        "-q",
+        "--eval",
+        "--eval-text",
+        str(text_file),
+        "--eval-tokens",
+        "600",
+        "--seqlen",
+        "100",
+    )
     assert r.exit_code == 0, r.output  # type: ignore[attr-defined]
     assert "FP perplexity" in r.output and "quantized perplexity" in r.output  # type: ignore[attr-defined]
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     groups = {g["weights"]["group_size"] for g in qc["config_groups"].values()}
     assert groups == {64}
-    r2 = run_cli("eval", str(out), "--text", str(text_file), "--eval-tokens", "600", "--seqlen", "100", "-q")
+    r2 = run_cli(
+        "eval", str(out), "--text", str(text_file), "--eval-tokens", "600", "--seqlen", "100", "-q"
+    )
     assert r2.exit_code == 0, r2.output  # type: ignore[attr-defined]
     q_line = next(ln for ln in r.output.splitlines() if ln.startswith("quantized perplexity"))  # type: ignore[attr-defined]
     assert q_line.split()[2] == r2.output.split()[1]  # type: ignore[attr-defined]
@@ -35,15 +52,19 @@ def _fails(r: object, *needles: str) -> None:
 
 
 def test_missing_model_path(run_cli: Run, tmp_path: Path) -> None:
-    _fails(run_cli("quantize", str(tmp_path / "nope"), "--w4a16", "-o", str(tmp_path / "o")),
-           "does not exist")
+    _fails(
+        run_cli("quantize", str(tmp_path / "nope"), "--w4a16", "-o", str(tmp_path / "o")),
+        "does not exist",
+    )
     assert not (tmp_path / "o").exists()
 
 
 def test_folder_that_is_not_a_model(run_cli: Run, tmp_path: Path) -> None:
     (tmp_path / "m").mkdir()
-    _fails(run_cli("quantize", str(tmp_path / "m"), "--w4a16", "-o", str(tmp_path / "o")),
-           "config.json is missing")
+    _fails(
+        run_cli("quantize", str(tmp_path / "m"), "--w4a16", "-o", str(tmp_path / "o")),
+        "config.json is missing",
+    )
 
 
 def test_corrupt_safetensors(run_cli: Run, tiny_llama: Path, tmp_path: Path) -> None:
@@ -56,16 +77,28 @@ def test_corrupt_safetensors(run_cli: Run, tiny_llama: Path, tmp_path: Path) -> 
 
 
 def test_unknown_scheme_and_method(run_cli: Run, tiny_llama: Path, tmp_path: Path) -> None:
-    _fails(run_cli("quantize", str(tiny_llama), "--scheme", "w3a3", "-o", str(tmp_path / "o")),
-           "unknown scheme", "w4a8")
-    _fails(run_cli("quantize", str(tiny_llama), "--w4a16", "--method", "magic", "-o", str(tmp_path / "o")),
-           "unknown method")
+    _fails(
+        run_cli("quantize", str(tiny_llama), "--scheme", "w3a3", "-o", str(tmp_path / "o")),
+        "unknown scheme",
+        "w4a8",
+    )
+    _fails(
+        run_cli(
+            "quantize", str(tiny_llama), "--w4a16", "--method", "magic", "-o", str(tmp_path / "o")
+        ),
+        "unknown method",
+    )
     _fails(run_cli("quantize", str(tiny_llama), "-o", str(tmp_path / "o")), "choose a scheme")
 
 
 def test_bad_group_size_names_layers(run_cli: Run, tiny_llama: Path, tmp_path: Path) -> None:
-    _fails(run_cli("quantize", str(tiny_llama), "--w4a16", "--group-size", "128", "-o", str(tmp_path / "o")),
-           "q_proj", "group size 128")
+    _fails(
+        run_cli(
+            "quantize", str(tiny_llama), "--w4a16", "--group-size", "128", "-o", str(tmp_path / "o")
+        ),
+        "q_proj",
+        "group size 128",
+    )
 
 
 def test_existing_output_needs_overwrite(run_cli: Run, tiny_llama: Path, tmp_path: Path) -> None:

@@ -21,7 +21,9 @@ class Uniform(nn.Module):
 
 def test_uniform_model_has_perplexity_equal_to_vocab() -> None:
     ids = torch.randint(0, 50, (1000,))
-    assert math.isclose(perplexity(Uniform(50), ids, seqlen=100, progress=False), 50.0, rel_tol=1e-5)
+    assert math.isclose(
+        perplexity(Uniform(50), ids, seqlen=100, progress=False), 50.0, rel_tol=1e-5
+    )
 
 
 def test_windows_do_not_overlap_and_tail_is_dropped() -> None:

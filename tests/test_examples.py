@@ -11,7 +11,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_custom_pass_example(tiny_llama: Path, tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location("custom_pass", ROOT / "examples" / "custom_pass.py")
+    spec = importlib.util.spec_from_file_location(
+        "custom_pass", ROOT / "examples" / "custom_pass.py"
+    )
     assert spec and spec.loader
     mod = importlib.util.module_from_spec(spec)
     sys.modules["custom_pass"] = mod  # dataclasses look their module up here

@@ -71,6 +71,10 @@ class QLinear(nn.Module):
         self.format = packed.format
         self.group_size = packed.group_size
         self.fp8_act = fp8_act
+        self.weight: torch.Tensor
+        self.weight_scale: torch.Tensor
+        self.weight_zero_point: torch.Tensor | None
+        self.weight_global_scale: torch.Tensor | None
         self.register_buffer("weight", packed.weight)
         self.register_buffer("weight_scale", packed.weight_scale)
         self.register_buffer("weight_zero_point", packed.weight_zero_point)

@@ -68,7 +68,7 @@ def export_command(
         path = export_onnx(
             source,
             output,
-            weight_op=weight_op,
+            weight_op=weight_op,  # type: ignore[arg-type]  # click.Choice guarantees the literal
             accuracy_level=accuracy_level,
             kv_cache=not no_kv_cache,
         )

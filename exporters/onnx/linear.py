@@ -77,7 +77,7 @@ def emit_activation_quant(
         if input_scale is None:
             raise ValueError(f"{layer}: static activation quantization has no input_scale")
         scale = b.initializer(f"{layer}.input_scale", np.float32(input_scale.reshape(())))
-        axis_attrs: dict[str, int] = {}
+        axis_attrs: dict[str, Any] = {}
     else:
         absx = b.op("Abs", [x2], name=f"{layer}/act_abs")
         if act.granularity == "token":
@@ -89,7 +89,7 @@ def emit_activation_quant(
         raw = b.op("Div", [amax, b.const(qmax, np.float32)], name=f"{layer}/act_scale_raw")
         pos = b.op("Greater", [raw, b.const(0.0, np.float32)], name=f"{layer}/act_pos")
         scale = b.op("Where", [pos, raw, b.const(1.0, np.float32)], name=f"{layer}/act_scale")
-    q_attrs: dict[str, int] = {**axis_attrs, "output_dtype": qtype}
+    q_attrs: dict[str, Any] = {**axis_attrs, "output_dtype": qtype}
     if qtype in FP8_TYPES.values():
         q_attrs["saturate"] = 1
     xq = b.op("QuantizeLinear", [x2, scale], name=f"{layer}/act_q", **q_attrs)
@@ -122,7 +122,9 @@ def _emit_dq_weight(b: GraphBuilder, m: QuantLinear, layer: str) -> str:
             dtype = np.int8 if w.onnx_type == TensorProto.INT8 else np.uint8
             zp = b.initializer(f"{layer}.weight_zp", w.zero_point.astype(dtype))
         inputs.append(zp)
-    attrs = {"axis": 1} if w.block_size == 0 else {"axis": 0, "block_size": w.block_size}
+    attrs: dict[str, Any] = (
+        {"axis": 1} if w.block_size == 0 else {"axis": 0, "block_size": w.block_size}
+    )
     return b.op("DequantizeLinear", inputs, name=f"{layer}/weight_dq", **attrs)
 
 

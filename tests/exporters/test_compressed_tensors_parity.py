@@ -65,5 +65,10 @@ def test_reloaded_output_matches_in_memory_model(tiny_llama: Path, tmp_path: Pat
         a = result.model(input_ids=ids).logits
         b = reloaded(input_ids=ids).logits
     assert torch.equal(a, b)
-    for fname in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "ptq_plan.json"):
+    for fname in (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "ptq_plan.json",
+    ):
         assert (out / fname).is_file(), fname

@@ -1,0 +1,200 @@
+"""Rounding methods on SmolLM2-135M: RTN, GPTQ, AdaRound, AdaQuant vs llm-compressor.
+
+One run, same data for every row: calibration ``--samples`` x ``--seqlen`` token ids of
+the default text (seed 0), perplexity on ``--eval-tokens`` held-out tokens
+(``ptq.models.paths.default_eval_file()``) in 512-token windows with
+:func:`ptq.evaluate.perplexity`. Weight-only formats: INT4 symmetric g64, INT4
+per-channel, INT3 g64, NVFP4 (SmolLM2 ships on an asymmetric INT4 g32 grid, so that
+format would show no error). llm-compressor's GPTQ and RTN (QuantizationModifier) run in
+a subprocess with the peer venv (``benchmarks/peers/llmc_quantize.py``) on the *same*
+token ids; their checkpoints are reloaded here (``CompressedTensorsConfig(
+run_compressed=False)``, fp32) and evaluated with the same function. Wall time is of the
+quantization step only: our ``Pipeline.run`` vs llm-compressor's ``oneshot``.
+
+Usage::
+
+    .venv/bin/python benchmarks/rounding_smollm2.py [--only SUBSTR] [--peer PYTHON]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ptq.calibration.text import calibration_batches
+from ptq.evaluate import perplexity, tokenize_eval_text
+from ptq.formats import QuantFormat
+from ptq.formats.presets import get_preset
+from ptq.models.paths import default_eval_file
+from ptq.models.source import load_fp_model, resolve_model
+from ptq.passes.adaptive import AdaQuantPass, AdaRoundPass
+from ptq.passes.gptq import GPTQPass, GPTQPassConfig
+from ptq.passes.rtn import RTNPass
+from ptq.pipeline import Pass, PassContext, Pipeline, QuantState
+from ptq.plan import build_plan
+from ptq.scheme import Scheme
+
+ROOT = Path(__file__).resolve().parent
+FORMATS: dict[str, QuantFormat] = {
+    "int4_g64": get_preset("int4_g64"),
+    "int4_channel": get_preset("int4_channel"),
+    "int3_g64": get_preset("int3_g64"),
+    "nvfp4": get_preset("nvfp4"),
+}
+OURS: dict[str, Callable[[], Pass]] = {
+    "RTN": RTNPass,
+    "GPTQ": GPTQPass,
+    "GPTQ act-order": lambda: GPTQPass(GPTQPassConfig(act_order=True)),
+    "AdaRound": AdaRoundPass,
+    "AdaQuant": AdaQuantPass,
+}
+PEERS = {"llm-compressor GPTQ": "gptq", "llm-compressor RTN": "rtn"}
+
+
+def load_peer_output(path: Path) -> nn.Module:
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    model = AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=CompressedTensorsConfig(run_compressed=False)
+    )
+    return model.float().eval()
+
+
+def write(rows: list[dict[str, object]], fp_ppl: float, out: Path, header: str) -> None:
+    lines = [
+        "# Rounding methods on SmolLM2-135M (weight-only)",
+        "",
+        header,
+        "",
+        f"FP perplexity: **{fp_ppl:.3f}**",
+        "",
+        "| format | method | ppl | vs FP | vs llm-compressor GPTQ | quant. seconds | note |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    ref = {r["format"]: r["ppl"] for r in rows if r["method"] == "llm-compressor GPTQ"}
+    for r in rows:
+        ppl = float(r["ppl"])  # type: ignore[arg-type]
+        peer = ref.get(r["format"])
+        vs = f"{ppl / float(peer):.3f}" if peer is not None else "-"  # type: ignore[arg-type]
+        lines.append(
+            f"| {r['format']} | {r['method']} | {ppl:.3f} | {ppl / fp_ppl:.3f} | {vs} | "
+            f"{float(r['seconds']):.1f} | {r.get('note', '')} |"  # type: ignore[arg-type]
+        )
+    gptq = {(r["format"], r["method"]): float(r["seconds"]) for r in rows}  # type: ignore[arg-type]
+    lines += ["", "GPTQ wall time (quantization step only), ours / llm-compressor:", ""]
+    for f in FORMATS:
+        a, b = gptq.get((f, "GPTQ act-order")), gptq.get((f, "llm-compressor GPTQ"))
+        if a is not None and b is not None:
+            lines.append(f"- {f}: {a:.1f} s / {b:.1f} s = **{a / b:.2f}x**")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[-len(rows) - 8 :]), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--seqlen", type=int, default=256)
+    ap.add_argument("--eval-tokens", type=int, default=4096)
+    ap.add_argument("--only", default="")
+    ap.add_argument("--peer", default="/work/peers/llmc/bin/python")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=ROOT / "results" / "rounding_smollm2.md")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    source = resolve_model("default", quiet=True)
+    fp_model, tok = load_fp_model(source)
+    fp_model = fp_model.float().eval()
+    eval_ids = tokenize_eval_text(tok, default_eval_file(), a.eval_tokens)
+    cal = calibration_batches(tok, path=None, n_samples=a.samples, seqlen=a.seqlen, seed=0)
+    tmp = Path(tempfile.mkdtemp(prefix="rounding_smollm2_"))
+    torch.save(cal, tmp / "calib.pt")
+    torch.save(eval_ids, tmp / "eval.pt")
+    fp_ppl = perplexity(fp_model, eval_ids, seqlen=512, progress=False)
+    header = (
+        f"Calibration {a.samples} x {a.seqlen} tokens (default text, seed 0, identical ids "
+        f"for llm-compressor); eval {eval_ids.numel()} tokens of `{default_eval_file().name}` "
+        f"in 512-token windows; {a.threads} CPU threads; lm_head (tied) not quantized."
+    )
+    rows: list[dict[str, object]] = []
+    for fname, fmt in FORMATS.items():
+        scheme = Scheme(name=fname, weight=fmt, activation=None, group_size_is_ceiling=False)
+        for method, peer_method in PEERS.items():
+            if a.only and a.only not in f"{fname} {method}":
+                continue
+            out_dir = tmp / f"{fname}_{peer_method}"
+            cmd = [
+                a.peer,
+                str(ROOT / "peers" / "llmc_quantize.py"),
+                "--model",
+                str(source.path),
+                "--calib",
+                str(tmp / "calib.pt"),
+                "--scheme",
+                fname,
+                "--method",
+                peer_method,
+                "--out",
+                str(out_dir),
+                "--eval-ids",
+                str(tmp / "eval.pt"),
+                "--threads",
+                str(a.threads),
+            ]
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            found = [ln for ln in proc.stdout.splitlines() if ln.startswith("LLMC_RESULT ")]
+            if proc.returncode != 0 or not found:
+                print(proc.stderr[-3000:], flush=True)
+                rows.append(
+                    {
+                        "format": fname,
+                        "method": method,
+                        "ppl": float("nan"),
+                        "seconds": 0.0,
+                        "note": f"failed (rc {proc.returncode})",
+                    }
+                )
+                write(rows, fp_ppl, a.out, header)
+                continue
+            res = json.loads(found[-1].split(" ", 1)[1])
+            try:
+                ppl = perplexity(load_peer_output(out_dir), eval_ids, seqlen=512, progress=False)
+                note = f"reloaded here; in-peer ppl {res['ppl_in_peer']:.3f}"
+            except Exception as exc:
+                ppl = float(res["ppl_in_peer"])
+                note = f"evaluated in the peer venv (reload failed: {type(exc).__name__})"
+            rows.append(
+                {
+                    "format": fname,
+                    "method": method,
+                    "ppl": ppl,
+                    "seconds": res["seconds"],
+                    "note": note,
+                }
+            )
+            write(rows, fp_ppl, a.out, header)
+        for method, make in OURS.items():
+            if a.only and a.only not in f"{fname} {method}":
+                continue
+            model = copy.deepcopy(fp_model)
+            plan = build_plan(model, scheme)
+            ctx = PassContext(calibration=cal, progress=False)
+            start = time.perf_counter()
+            Pipeline([make()]).run(QuantState(model=model, plan=plan, tokenizer=tok), ctx)
+            secs = time.perf_counter() - start
+            ppl = perplexity(model, eval_ids, seqlen=512, progress=False)
+            rows.append({"format": fname, "method": method, "ppl": ppl, "seconds": secs})
+            write(rows, fp_ppl, a.out, header)
+
+
+if __name__ == "__main__":
+    main()
