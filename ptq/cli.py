@@ -424,6 +424,9 @@ def _register_commands() -> None:
     from ptq.passes.allocation.cli import allocate
 
     main.add_command(allocate)
+    from ptq.exporters.cuda.generate import generate_command
+
+    main.add_command(generate_command)
 
 
 _register_commands()
