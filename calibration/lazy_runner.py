@@ -107,7 +107,7 @@ def _load_into(
 
 def _free_outer(model: nn.Module) -> None:
     """Move the embedding and the head back to meta once block 0's inputs are captured."""
-    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()):  # type: ignore[operator]
         if module is not None:
             module.to("meta")
 

@@ -59,7 +59,7 @@ def generate_text(out: Path, prompt: str, max_new_tokens: int = 32) -> tuple[str
     model = model.to(device).eval()
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
     with torch.no_grad():
-        gen = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
+        gen = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)  # type: ignore[operator]
     return tokenizer.decode(gen[0, ids.shape[1] :], skip_special_tokens=True), swapped, kept
 
 
