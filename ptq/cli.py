@@ -172,10 +172,9 @@ def main() -> None:
     help="GPTQ: Hessian damping (fraction of mean diagonal).",
 )
 @click.option(
-    "--act-order",
-    is_flag=True,
+    "--act-order/--no-act-order",
     default=None,
-    help="GPTQ: quantize columns by decreasing Hessian diagonal.",
+    help="GPTQ: quantize columns by decreasing Hessian diagonal, with static groups (default on).",
 )
 @click.option(
     "--iterations", type=int, default=None, help="AdaRound/AdaQuant: optimisation steps per layer."
