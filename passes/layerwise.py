@@ -22,6 +22,7 @@ from ptq.calibration.layer_inputs import geometry, rows_forward
 from ptq.calibration.runner import BlockwiseRunner, LayerStats, StatsRequest
 from ptq.formats import QTensor
 from ptq.frontend.qconv import QuantConv2d
+from ptq.modules import replace_module
 from ptq.pipeline import Pass, PassContext, QuantState
 from ptq.plan import LayerPlan
 from ptq.qlinear import QuantLinear
@@ -29,13 +30,6 @@ from ptq.scheme import ActivationScheme
 
 CALIBRATION_BATCH = 8
 QUANTIZED_TYPES: tuple[type[nn.Module], ...] = (QuantLinear, QuantConv2d)
-
-
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Swap the submodule at dotted path ``name`` for ``new``."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
 
 
 def output_error(w: torch.Tensor, q: torch.Tensor, x: torch.Tensor, groups: int = 1) -> float:

@@ -12,23 +12,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from torch import nn
 from tqdm.auto import tqdm
 
 from ptq.calibration.layer_inputs import weight_2d
 from ptq.formats import quantize
+from ptq.modules import replace_module
 from ptq.pipeline import Pass, PassContext, QuantState
 
 
 @dataclass(frozen=True, kw_only=True)
 class RTNConfig:
     """Round-to-nearest has no knobs beyond the plan's formats."""
-
-
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
 
 
 class RTNPass(Pass):

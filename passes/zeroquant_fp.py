@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from ptq.formats import FP4_E2M1, FP8_E4M3, FloatFormat, PerChannel, PerGroup, QTensor, QuantFormat
 from ptq.formats.minifloat import encode_float, round_to_float_grid
 from ptq.formats.scale_rules import pow2_cover
-from ptq.passes.rtn import replace_module
+from ptq.modules import replace_module
 from ptq.pipeline import Pass, PassContext, QuantState
 from ptq.qlinear import QuantLinear
 

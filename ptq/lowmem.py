@@ -26,6 +26,7 @@ from ptq.exporters.manifest import write_manifest
 from ptq.exporters.safetensors_export import COPIED_FILES, quantized_tensors
 from ptq.formats import quantize as rtn_quantize
 from ptq.models.source import ModelSource
+from ptq.modules import replace_module
 from ptq.output import atomic_output_dir
 from ptq.pipeline import Pass, PassContext
 from ptq.plan import QuantPlan
@@ -56,12 +57,6 @@ def return_freed_memory_to_os() -> None:
 
 def work_dir_for(out: Path) -> Path:
     return out.parent / f".{out.name}.work"
-
-
-def _replace(root: nn.Module, local: str, new: nn.Module) -> None:
-    parent_name, _, child = local.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
 
 
 def _block_tensors(block: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
@@ -117,7 +112,7 @@ def quantize_low_memory(
         else:
             qt, bias = rtn_quantize(layer.weight.detach(), lp.weight), None
         new_bias = bias if bias is not None else layer.bias
-        _replace(block, local, QuantLinear(qt, new_bias, lp.activation))
+        replace_module(block, local, QuantLinear(qt, new_bias, lp.activation))
 
     work = work_dir_for(out)
     key = dict(run_key)

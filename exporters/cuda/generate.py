@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ptq.errors import PtqError, PtqInputError
+from ptq.modules import replace_module
 from ptq.qlinear import QuantLinear
 
 
@@ -38,9 +39,7 @@ def to_packed_ops(model: nn.Module, scale_dtype: torch.dtype = torch.float32) ->
         except ValueError:
             kept += 1
             continue
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, QLinear(packed, module.bias, fp8_act=fp8_act))
+        replace_module(model, name, QLinear(packed, module.bias, fp8_act=fp8_act))
         swapped += 1
     return swapped, kept
 

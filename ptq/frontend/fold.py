@@ -21,6 +21,7 @@ from torch import nn
 
 from ptq.frontend.capture import Capture, capture
 from ptq.frontend.patterns import find_patterns
+from ptq.modules import replace_module
 
 
 def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
@@ -51,11 +52,6 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     return folded
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-
-
 def fold_all_conv_bn(
     model: nn.Module,
     example_inputs: tuple[Any, ...] | Mapping[str, Any] | None = None,
@@ -81,7 +77,7 @@ def fold_all_conv_bn(
         conv, bn = model.get_submodule(pair.conv), model.get_submodule(pair.bn)
         if not isinstance(conv, nn.Conv2d) or not isinstance(bn, nn.BatchNorm2d):
             continue
-        _replace(model, pair.conv, fold_conv_bn(conv, bn))
-        _replace(model, pair.bn, nn.Identity())
+        replace_module(model, pair.conv, fold_conv_bn(conv, bn))
+        replace_module(model, pair.bn, nn.Identity())
         done.append((pair.conv, pair.bn))
     return done

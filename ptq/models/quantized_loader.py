@@ -19,14 +19,9 @@ from ptq.errors import PtqInputError
 from ptq.formats.ct_layout import ct_format_name, from_compressed_tensors
 from ptq.formats.ptq_layout import from_ptq_layout
 from ptq.io.safetensors_reader import SafetensorsIndex
+from ptq.modules import replace_module
 from ptq.plan import QuantPlan
 from ptq.qlinear import QuantLinear
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
 
 
 def load_quantized_model(path: Path, *, trust_remote_code: bool = False) -> tuple[nn.Module, Any]:
@@ -65,7 +60,7 @@ def load_quantized_model(path: Path, *, trust_remote_code: bool = False) -> tupl
                 q = from_ptq_layout(local)
         except (KeyError, ValueError) as exc:
             raise PtqInputError(f"{path}: layer {lp.name} cannot be decoded: {exc}") from None
-        _replace(model, lp.name, QuantLinear(q, bias, lp.activation, input_scale, lorc))
+        replace_module(model, lp.name, QuantLinear(q, bias, lp.activation, input_scale, lorc))
     quantized = {lp.name + "." for lp in plan}
     state = {k: index.get(k) for k in index if not k.startswith(tuple(quantized))}
     missing, unexpected = model.load_state_dict(state, strict=False)
