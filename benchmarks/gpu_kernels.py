@@ -281,7 +281,12 @@ def _row(
 
 def bench(dev: torch.device, peak_bw: float) -> list[str]:
     """Timing rows: torch.matmul and each ptq variant per shape, dtype and batch."""
-    lines = []
+    lines: list[str] = []
+
+    def emit(line: str) -> None:
+        lines.append(line)
+        print(line, flush=True)
+
     variants: list[tuple[str, str]] = [("int4", "w"), ("nvfp4", "w"), ("mxfp4", "w"), ("fp8", "w")]
     variants += [("int4", "fp8"), ("nvfp4", "fp8"), ("fp8", "fp8")]
     for n, k in SHAPES:
@@ -291,9 +296,9 @@ def bench(dev: torch.device, peak_bw: float) -> list[str]:
                 try:
                     t_dense = time_dense(x, n)
                     moved = (n * k + m * k + m * n) * 2
-                    lines.append(_row("torch.matmul", n, k, m, dt, t_dense, moved, peak_bw))
+                    emit(_row("torch.matmul", n, k, m, dt, t_dense, moved, peak_bw))
                 except Exception as exc:
-                    lines.append(f"N={n} K={k} M={m} {dt} torch.matmul: ERROR {exc}")
+                    emit(f"N={n} K={k} M={m} {dt} torch.matmul: ERROR {exc}")
                     continue
                 for fmt, act in variants:
                     if act == "fp8" and dt != torch.bfloat16:
@@ -304,9 +309,9 @@ def bench(dev: torch.device, peak_bw: float) -> list[str]:
                     try:
                         t, moved = time_ptq(fmt, act, x, n)
                         row = _row(label, n, k, m, dt, t, moved, peak_bw)
-                        lines.append(f"{row}  vs torch {t_dense / t:5.2f}x")
+                        emit(f"{row}  vs torch {t_dense / t:5.2f}x")
                     except Exception as exc:
-                        lines.append(f"N={n} K={k} M={m} {dt} {label}: ERROR {str(exc)[:160]}")
+                        emit(f"N={n} K={k} M={m} {dt} {label}: ERROR {str(exc)[:160]}")
                 torch.cuda.empty_cache()
     return lines
 
