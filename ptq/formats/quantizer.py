@@ -22,7 +22,7 @@ from ptq.formats.granularity import PerChannel, PerTensor
 from ptq.formats.minifloat import decode_float, encode_float, round_finite, round_to_float_grid
 from ptq.formats.qformat import ClipSearch, QTensor, QuantFormat, ScaleRule
 from ptq.formats.rounding import RoundingMode, check_finite, round_to_integer
-from ptq.formats.scale_rules import symmetric_scales, tensor_global_scale
+from ptq.formats.scale_rules import div_scalar, symmetric_scales, tensor_global_scale
 from ptq.formats.scales import encode_scale
 
 __all__ = [
@@ -122,7 +122,7 @@ def _quantize_values(
         el = fmt.element
         lo = torch.clamp(sb.amin(dim=(1, 3)), max=0.0)
         hi = torch.clamp(sb.amax(dim=(1, 3)), min=0.0)
-        s = (hi - lo) / (el.qmax - el.qmin)
+        s = div_scalar(hi - lo, el.qmax - el.qmin)
         scale = encode_scale(torch.where(s > 0, s, torch.ones_like(s)), fmt.scale_format)
         zp = torch.clamp(torch.round(el.qmin - lo / scale), el.qmin, el.qmax)
         y = xb / scale[:, None, :, None] + zp[:, None, :, None]

@@ -30,9 +30,19 @@ def element_emax(element: ElementFormat) -> int:
     return element.bits - 2
 
 
+def div_scalar(a: torch.Tensor, d: float) -> torch.Tensor:
+    """``a / d`` correctly rounded on every device.
+
+    CUDA divides a tensor by a Python scalar as ``a * (1 / d)``, which differs from the
+    CPU's true division in the last place for ``d`` such as 6 or 7; dividing by a tensor
+    of ``d`` is IEEE division on both, so CPU and GPU scales agree bit for bit.
+    """
+    return a / torch.full_like(a, d)
+
+
 def pow2_cover(a: torch.Tensor, qmax: float) -> torch.Tensor:
     """Smallest ``2^k`` (``k`` in -127..127) with ``a <= qmax * 2^k``, exactly."""
-    k = pow2_exponent(a / qmax, round_up=True)
+    k = pow2_exponent(div_scalar(a, qmax), round_up=True)
     k = torch.where(qmax * torch.ldexp(torch.ones_like(a), k) < a, k + 1, k)
     return torch.ldexp(torch.ones_like(a), torch.clamp(k, -E8M0_BIAS, E8M0_BIAS))
 
@@ -77,14 +87,14 @@ def symmetric_scales(
         return s, s, None
     if fmt.channel_scale:
         row_amax = amax.amax(dim=1, keepdim=True)
-        row = row_amax / qmax
+        row = div_scalar(row_amax, qmax)
         row = torch.where(row * qmax < row_amax, torch.nextafter(row, row_amax), row)
         row = torch.where(row > 0, row, torch.ones_like(row))
         factor = _pow2_factor(amax, row, qmax)
         return factor, factor * row, row
     if global_scale is not None:
-        stored = encode_scale(amax / qmax * global_scale, fmt.scale_format)
+        stored = encode_scale(div_scalar(amax, qmax) * global_scale, fmt.scale_format)
         return stored, stored / global_scale, None
-    s = amax / qmax
+    s = div_scalar(amax, qmax)
     stored = encode_scale(torch.where(s > 0, s, torch.ones_like(s)), fmt.scale_format)
     return stored, stored, None
