@@ -6,7 +6,7 @@ for budgets 4.25 / 4.5 / 5 / 6 bits per weight (scales included) the ILP allocat
 the greedy allocation (same sensitivities, same candidates) and every uniform scheme
 that fits the budget are quantized with RTN and evaluated: perplexity on 4096 held-out
 Britannica tokens (``default_eval_file()``), 512-token windows. Identical allocations
-are evaluated once. The table and ``alloc_pareto.png`` are rewritten after every
+are evaluated once. The table and its plot (``--out`` with ``.png``) are rewritten after every
 evaluation (partial results survive an interrupted run).
 
 Candidates avoid INT4 asymmetric g32: SmolLM2's weights (from a Q4_1 GGUF) already sit
@@ -69,6 +69,12 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--workers", type=int, default=2, help="Evaluation processes (1 thread each).")
+    ap.add_argument(
+        "--candidates",
+        default=CANDIDATES,
+        help="Candidates the allocators choose among: a subset of the measured ones "
+        "(sensitivities are always measured, and cached, for all of them).",
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
     t0 = time.time()
@@ -88,7 +94,11 @@ def main() -> None:
     )
     measure_s = time.time() - t
     print(f"sensitivities: {path} ({'cached' if hit else f'measured in {measure_s:.0f} s'})")
-    problem = build_problem(table, cands, tied=tied_groups(layers, DEFAULT_TIES))
+    chosen = parse_candidates(args.candidates)
+    unknown = sorted({c.name for c in chosen} - {c.name for c in cands})
+    if unknown:
+        ap.error(f"--candidates {unknown} are not measured; choose from {CANDIDATES}")
+    problem = build_problem(table, chosen, tied=tied_groups(layers, DEFAULT_TIES))
     uniform = uniform_allocations(problem)
     rows: list[tuple[float, str, Allocation]] = []
     for b in BUDGETS:
@@ -170,7 +180,7 @@ def write(
         "# Mixed-precision bit allocation on SmolLM2-135M",
         "",
         f"Estimator `{args.estimator}` on {args.samples} x {args.calib_seqlen} calibration tokens "
-        f"({'cached' if hit else f'{measure_s:.0f} s'}); candidates `{CANDIDATES}`; weights by RTN; "
+        f"({'cached' if hit else f'{measure_s:.0f} s'}); candidates `{args.candidates}`; weights by RTN; "
         f"q/k/v and gate/up tied; perplexity on {args.eval_tokens} held-out Britannica tokens, "
         f"{args.seqlen}-token windows. "
         + (f"FP perplexity: {fp_ppl[0]:.4f}." if fp_ppl else "FP perplexity: (pending)."),
@@ -206,10 +216,11 @@ def write(
             lines.append(
                 f"- {lab.removeprefix('uniform ')}: {a.bits_per_weight:.4f} bits/weight, ppl {ppl[key(a)]:.4f}"
             )
-    lines += ["", "![Pareto](alloc_pareto.png)", "", f"Total run time {elapsed / 60:.1f} min.", ""]
+    png = args.out.with_suffix(".png").name
+    lines += ["", f"![Pareto]({png})", "", f"Total run time {elapsed / 60:.1f} min.", ""]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines))
-    plot(args.out.parent / "alloc_pareto.png", rows, ppl, fp_ppl)
+    plot(args.out.with_suffix(".png"), rows, ppl, fp_ppl)
 
 
 def plot(

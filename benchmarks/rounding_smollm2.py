@@ -52,8 +52,8 @@ FORMATS: dict[str, QuantFormat] = {
 }
 OURS: dict[str, Callable[[], Pass]] = {
     "RTN": RTNPass,
-    "GPTQ": GPTQPass,
-    "GPTQ act-order": lambda: GPTQPass(GPTQPassConfig(act_order=True)),
+    "GPTQ (no act-order)": lambda: GPTQPass(GPTQPassConfig(act_order=False)),
+    "GPTQ act-order": GPTQPass,  # ptq's default: act-order with static groups
     "AdaRound": AdaRoundPass,
     "AdaQuant": AdaQuantPass,
 }
@@ -69,7 +69,25 @@ def load_peer_output(path: Path) -> nn.Module:
     return model.float().eval()
 
 
+def selected(only: str, label: str) -> bool:
+    """Whether ``label`` matches one of the comma-separated substrings (all if empty)."""
+    wanted = [w.strip() for w in only.split(",") if w.strip()]
+    return not wanted or any(w in label for w in wanted)
+
+
+def add_row(rows: list[dict[str, object]], row: dict[str, object]) -> None:
+    """Append ``row``, replacing an earlier row of the same format and method."""
+    rows[:] = [r for r in rows if (r["format"], r["method"]) != (row["format"], row["method"])]
+    rows.append(row)
+
+
 def write(rows: list[dict[str, object]], fp_ppl: float, out: Path, header: str) -> None:
+    """The markdown table (rows sorted by format, then method) and its JSON rows."""
+    order = {f: i for i, f in enumerate(FORMATS)}
+    methods = [*OURS, *PEERS]
+    rows.sort(key=lambda r: (order.get(str(r["format"]), 99), methods.index(str(r["method"]))))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
     lines = [
         "# Rounding methods on SmolLM2-135M (weight-only)",
         "",
@@ -105,10 +123,19 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--eval-tokens", type=int, default=4096)
-    ap.add_argument("--only", default="")
+    ap.add_argument(
+        "--only",
+        default="",
+        help="Comma-separated substrings of 'FORMAT METHOD' labels; run only matching rows.",
+    )
     ap.add_argument("--peer", default="/work/peers/llmc/bin/python")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "rounding_smollm2.md")
+    ap.add_argument(
+        "--append",
+        action="store_true",
+        help="Keep the rows of earlier runs (OUT with .json); rows run again replace theirs.",
+    )
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     source = resolve_model("default", quiet=True)
@@ -126,10 +153,13 @@ def main() -> None:
         f"in 512-token windows; {a.threads} CPU threads; lm_head (tied) not quantized."
     )
     rows: list[dict[str, object]] = []
+    store = a.out.with_suffix(".json")
+    if a.append and store.exists():
+        rows = json.loads(store.read_text())
     for fname, fmt in FORMATS.items():
         scheme = Scheme(name=fname, weight=fmt, activation=None, group_size_is_ceiling=False)
         for method, peer_method in PEERS.items():
-            if a.only and a.only not in f"{fname} {method}":
+            if not selected(a.only, f"{fname} {method}"):
                 continue
             out_dir = tmp / f"{fname}_{peer_method}"
             cmd = [
@@ -154,14 +184,15 @@ def main() -> None:
             found = [ln for ln in proc.stdout.splitlines() if ln.startswith("LLMC_RESULT ")]
             if proc.returncode != 0 or not found:
                 print(proc.stderr[-3000:], flush=True)
-                rows.append(
+                add_row(
+                    rows,
                     {
                         "format": fname,
                         "method": method,
                         "ppl": float("nan"),
                         "seconds": 0.0,
                         "note": f"failed (rc {proc.returncode})",
-                    }
+                    },
                 )
                 write(rows, fp_ppl, a.out, header)
                 continue
@@ -172,18 +203,19 @@ def main() -> None:
             except Exception as exc:
                 ppl = float(res["ppl_in_peer"])
                 note = f"evaluated in the peer venv (reload failed: {type(exc).__name__})"
-            rows.append(
+            add_row(
+                rows,
                 {
                     "format": fname,
                     "method": method,
                     "ppl": ppl,
                     "seconds": res["seconds"],
                     "note": note,
-                }
+                },
             )
             write(rows, fp_ppl, a.out, header)
         for method, make in OURS.items():
-            if a.only and a.only not in f"{fname} {method}":
+            if not selected(a.only, f"{fname} {method}"):
                 continue
             model = copy.deepcopy(fp_model)
             plan = build_plan(model, scheme)
@@ -192,7 +224,7 @@ def main() -> None:
             Pipeline([make()]).run(QuantState(model=model, plan=plan, tokenizer=tok), ctx)
             secs = time.perf_counter() - start
             ppl = perplexity(model, eval_ids, seqlen=512, progress=False)
-            rows.append({"format": fname, "method": method, "ppl": ppl, "seconds": secs})
+            add_row(rows, {"format": fname, "method": method, "ppl": ppl, "seconds": secs})
             write(rows, fp_ppl, a.out, header)
 
 
