@@ -51,7 +51,23 @@ def _rows(stats: LayerStats, name: str) -> torch.Tensor:
     return x.float()
 
 
-class AdaRoundPass(LayerwisePass):
+class _RowReconstructionPass(LayerwisePass):
+    """Shared plumbing: cache ``config.input_rows`` calibration rows per layer."""
+
+    config: AdaRoundPassConfig | AdaQuantPassConfig
+
+    def stats_request(self) -> StatsRequest:
+        return StatsRequest(input_rows=self.config.input_rows)
+
+    @staticmethod
+    def layer_problem(
+        name: str, layer: nn.Module, stats: LayerStats
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """``(x, w, groups)``: cached input rows, the 2-D weight and its conv groups."""
+        return _rows(stats, name), weight_2d(layer), geometry(layer).groups
+
+
+class AdaRoundPass(_RowReconstructionPass):
     """Learned up/down rounding per layer (rectified sigmoid, annealed regulariser)."""
 
     name: ClassVar[str] = "adaround"
@@ -59,15 +75,10 @@ class AdaRoundPass(LayerwisePass):
     def __init__(self, config: AdaRoundPassConfig | None = None) -> None:
         self.config = config or AdaRoundPassConfig()
 
-    def stats_request(self) -> StatsRequest:
-        return StatsRequest(input_rows=self.config.input_rows)
-
     def quantize_layer(
         self, name: str, layer: nn.Module, plan: LayerPlan, stats: LayerStats, ctx: PassContext
     ) -> tuple[QTensor, torch.Tensor | None, dict[str, Any]]:
-        x = _rows(stats, name)
-        w = weight_2d(layer)
-        groups = geometry(layer).groups
+        x, w, groups = self.layer_problem(name, layer, stats)
         b = layer_bias(layer)
         with torch.no_grad():
             y = rows_forward(w, b, x, groups)
@@ -93,7 +104,7 @@ class AdaRoundPass(LayerwisePass):
         return res.qtensor, None, record
 
 
-class AdaQuantPass(LayerwisePass):
+class AdaQuantPass(_RowReconstructionPass):
     """Per-layer optimisation of weights, scales and bias for output MSE."""
 
     name: ClassVar[str] = "adaquant"
@@ -101,15 +112,10 @@ class AdaQuantPass(LayerwisePass):
     def __init__(self, config: AdaQuantPassConfig | None = None) -> None:
         self.config = config or AdaQuantPassConfig()
 
-    def stats_request(self) -> StatsRequest:
-        return StatsRequest(input_rows=self.config.input_rows)
-
     def quantize_layer(
         self, name: str, layer: nn.Module, plan: LayerPlan, stats: LayerStats, ctx: PassContext
     ) -> tuple[QTensor, torch.Tensor | None, dict[str, Any]]:
-        x = _rows(stats, name)
-        w = weight_2d(layer)
-        groups = geometry(layer).groups
+        x, w, groups = self.layer_problem(name, layer, stats)
 
         def forward(wq: torch.Tensor, bq: torch.Tensor | None, xb: torch.Tensor) -> torch.Tensor:
             return rows_forward(wq, bq, xb, groups)

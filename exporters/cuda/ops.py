@@ -12,6 +12,8 @@ Wu et al. 2023). Importing this module only declares the ops; nothing is compile
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -28,8 +30,20 @@ def _linear(x: Tensor, w: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -
     return y.reshape(*x.shape[:-1], w.shape[0]).to(out_dtype)
 
 
-def _fake(x: Tensor, n: int, out_dtype: torch.dtype) -> Tensor:
-    return x.new_empty((*x.shape[:-1], n), dtype=out_dtype)
+def _register_fake(op: Any, weight_arg: int, out_dtype_arg: int | None = None) -> None:
+    """Shape-only implementation (``torch.compile``, meta tensors) of a qlinear op.
+
+    Every op returns ``[*x.shape[:-1], N]`` where ``x`` is argument 0 and ``N`` is the
+    first dimension of the packed weight (argument ``weight_arg``), in ``x``'s dtype or in
+    the dtype passed as argument ``out_dtype_arg``.
+    """
+
+    def fake(*args: Any) -> Tensor:
+        x, n = args[0], args[weight_arg].shape[0]
+        dtype = x.dtype if out_dtype_arg is None else args[out_dtype_arg]
+        return x.new_empty((*x.shape[:-1], n), dtype=dtype)
+
+    op.register_fake(fake)
 
 
 def _w4a8_weight(
@@ -44,6 +58,22 @@ def _w4a8_weight(
     if fmt == "mxfp4":
         return ref.dequantize_mxfp4(packed, scale)
     raise ValueError(f"W4A8 weight_format {fmt!r} is not one of {', '.join(W4A8_FORMATS)}")
+
+
+def _w4a8_reference(
+    x_q: Tensor,
+    x_scale: Tensor,
+    packed: Tensor,
+    scale: Tensor,
+    zp: Tensor | None,
+    gs: Tensor | None,
+    fmt: str,
+    group: int,
+    out_dtype: torch.dtype,
+    bias: Tensor | None,
+) -> Tensor:
+    w = _w4a8_weight(fmt, packed, scale, zp, gs, group)
+    return _linear(ref.decode_fp8_activations(x_q, x_scale), w, bias, out_dtype)
 
 
 @torch.library.custom_op("ptq::qlinear_int4", mutates_args=())
@@ -85,18 +115,6 @@ def _(
     )
 
 
-@qlinear_int4.register_fake
-def _(
-    x: Tensor,
-    weight_packed: Tensor,
-    weight_scale: Tensor,
-    weight_zero_point: Tensor | None,
-    group_size: int,
-    bias: Tensor | None,
-) -> Tensor:
-    return _fake(x, weight_packed.shape[0], x.dtype)
-
-
 @torch.library.custom_op("ptq::qlinear_nvfp4", mutates_args=())
 def qlinear_nvfp4(
     x: Tensor,
@@ -134,17 +152,6 @@ def _(
     )
 
 
-@qlinear_nvfp4.register_fake
-def _(
-    x: Tensor,
-    weight_packed: Tensor,
-    weight_scale: Tensor,
-    weight_global_scale: Tensor,
-    bias: Tensor | None,
-) -> Tensor:
-    return _fake(x, weight_packed.shape[0], x.dtype)
-
-
 @torch.library.custom_op("ptq::qlinear_mxfp4", mutates_args=())
 def qlinear_mxfp4(
     x: Tensor, weight_packed: Tensor, weight_scale: Tensor, bias: Tensor | None
@@ -158,11 +165,6 @@ def _(x: Tensor, weight_packed: Tensor, weight_scale: Tensor, bias: Tensor | Non
     if not kernel_supports(x, x.shape[-1], 32, x.dtype):
         return _linear(x, ref.dequantize_mxfp4(weight_packed, weight_scale), bias, x.dtype)
     return run_qlinear("mxfp4", x, weight_packed, x.dtype, 32, weight_scale=weight_scale, bias=bias)
-
-
-@qlinear_mxfp4.register_fake
-def _(x: Tensor, weight_packed: Tensor, weight_scale: Tensor, bias: Tensor | None) -> Tensor:
-    return _fake(x, weight_packed.shape[0], x.dtype)
 
 
 @torch.library.custom_op("ptq::qlinear_per_channel", mutates_args=())
@@ -182,11 +184,6 @@ def _(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None) -> T
     return run_qlinear(fmt, x, weight, x.dtype, k, row_scale=weight_scale, bias=bias)
 
 
-@qlinear_per_channel.register_fake
-def _(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None) -> Tensor:
-    return _fake(x, weight.shape[0], x.dtype)
-
-
 @torch.library.custom_op("ptq::qlinear_w4a8", mutates_args=())
 def qlinear_w4a8(
     x_q: Tensor,
@@ -201,15 +198,18 @@ def qlinear_w4a8(
     bias: Tensor | None,
 ) -> Tensor:
     """W4A8: INT4/NVFP4/MXFP4 weights times FP8 E4M3 activations with per-token scales."""
-    w = _w4a8_weight(
-        weight_format,
+    return _w4a8_reference(
+        x_q,
+        x_scale,
         weight_packed,
         weight_scale,
         weight_zero_point,
         weight_global_scale,
+        weight_format,
         group_size,
+        out_dtype,
+        bias,
     )
-    return _linear(ref.decode_fp8_activations(x_q, x_scale), w, bias, out_dtype)
 
 
 @qlinear_w4a8.register_kernel("cuda")
@@ -230,15 +230,18 @@ def _(
         not kernel_supports(x_q, x_q.shape[-1], group, out_dtype)
         or x_q.dtype != torch.float8_e4m3fn
     ):
-        w = _w4a8_weight(
-            weight_format,
+        return _w4a8_reference(
+            x_q,
+            x_scale,
             weight_packed,
             weight_scale,
             weight_zero_point,
             weight_global_scale,
+            weight_format,
             group_size,
+            out_dtype,
+            bias,
         )
-        return _linear(ref.decode_fp8_activations(x_q, x_scale), w, bias, out_dtype)
     fmt = (
         "int4_asym" if weight_format == "int4" and weight_zero_point is not None else weight_format
     )
@@ -254,22 +257,6 @@ def _(
         x_scale=x_scale,
         bias=bias,
     )
-
-
-@qlinear_w4a8.register_fake
-def _(
-    x_q: Tensor,
-    x_scale: Tensor,
-    weight_packed: Tensor,
-    weight_scale: Tensor,
-    weight_zero_point: Tensor | None,
-    weight_global_scale: Tensor | None,
-    weight_format: str,
-    group_size: int,
-    out_dtype: torch.dtype,
-    bias: Tensor | None,
-) -> Tensor:
-    return _fake(x_q, weight_packed.shape[0], out_dtype)
 
 
 @torch.library.custom_op("ptq::qlinear_fp8_w8a8", mutates_args=())
@@ -304,13 +291,9 @@ def _(
     )
 
 
-@qlinear_fp8_w8a8.register_fake
-def _(
-    x_q: Tensor,
-    x_scale: Tensor,
-    weight: Tensor,
-    weight_scale: Tensor,
-    out_dtype: torch.dtype,
-    bias: Tensor | None,
-) -> Tensor:
-    return _fake(x_q, weight.shape[0], out_dtype)
+_register_fake(qlinear_int4, weight_arg=1)
+_register_fake(qlinear_nvfp4, weight_arg=1)
+_register_fake(qlinear_mxfp4, weight_arg=1)
+_register_fake(qlinear_per_channel, weight_arg=1)
+_register_fake(qlinear_w4a8, weight_arg=2, out_dtype_arg=8)
+_register_fake(qlinear_fp8_w8a8, weight_arg=2, out_dtype_arg=4)
