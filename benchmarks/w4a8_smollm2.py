@@ -17,14 +17,20 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
+import subprocess
+import tempfile
 import time
 from pathlib import Path
+
+import torch
 
 from ptq.calibration.text import calibration_batches
 from ptq.evaluate import perplexity, tokenize_eval_text
 from ptq.formats import FP4_E2M1, INT4, PerGroup, QuantFormat
 from ptq.models.paths import default_eval_file
 from ptq.models.source import load_fp_model, resolve_model
+from ptq.passes.gptq import GPTQPass
 from ptq.passes.lorc import LoRCConfig, LoRCPass
 from ptq.passes.rotation import RotationConfig, RotationPass
 from ptq.passes.rtn import RTNPass
@@ -49,11 +55,14 @@ SCHEMES: dict[str, Scheme] = {
 }
 
 
-def weight_pass(scheme: str) -> Pass:
+def weight_pass(scheme: str, gptq: bool) -> Pass:
+    """GPTQ (act-order, static groups) or RTN (ZeroQuant-FP M2 scales for FP4)."""
+    if gptq:
+        return GPTQPass()
     return ZeroQuantFPPass(ZeroQuantFPConfig(variant="m2")) if "FP4" in scheme else RTNPass()
 
 
-def build(scheme: str, sq: str | None, rot: str | None, lorc: int) -> list[Pass]:
+def build(scheme: str, sq: str | None, rot: str | None, lorc: int, gptq: bool) -> list[Pass]:
     """Pipeline: [rotation] [smoothquant] weight pass (wrapped by LoRC if rank > 0)."""
     passes: list[Pass] = []
     if rot is not None:
@@ -62,58 +71,97 @@ def build(scheme: str, sq: str | None, rot: str | None, lorc: int) -> list[Pass]
         passes.append(SmoothQuantPass(SmoothQuantConfig(search=True)))
     elif sq is not None:
         passes.append(SmoothQuantPass(SmoothQuantConfig(alpha=float(sq))))
-    w = weight_pass(scheme)
+    w = weight_pass(scheme, gptq)
     passes.append(LoRCPass(w, LoRCConfig(rank=lorc)) if lorc else w)
     return passes
 
 
-Row = tuple[str, str, str | None, str | None, int]
+# (scheme, label, smoothquant, rotation, LoRC rank, GPTQ?)
+Row = tuple[str, str, str | None, str | None, int, bool]
 S_INT4, S_FP4 = "W4A8 INT4-g64 x FP8", "W4A8 FP4-M2-g64 x FP8"
 # Ordered so that a partial run already answers the main questions.
 ROWS: list[Row] = [
-    ("W8A8-INT", "RTN", None, None, 0),
-    ("W8A8-INT", "+SmoothQuant (search)", "search", None, 0),
-    ("FP8", "RTN", None, None, 0),
-    (S_INT4, "RTN", None, None, 0),
-    (S_FP4, "RTN", None, None, 0),
-    (S_INT4, "+SmoothQuant (search)", "search", None, 0),
-    (S_FP4, "+SmoothQuant (search)", "search", None, 0),
-    (S_INT4, "+rotation (online H down)", None, "online", 0),
-    (S_FP4, "+rotation (online H down)", None, "online", 0),
-    (S_INT4, "+LoRC r8", None, None, 8),
-    (S_INT4, "+LoRC r32", None, None, 32),
-    (S_FP4, "+LoRC r8", None, None, 8),
-    (S_FP4, "+LoRC r32", None, None, 32),
+    ("W8A8-INT", "RTN", None, None, 0, False),
+    ("W8A8-INT", "+SmoothQuant (search)", "search", None, 0, False),
+    ("W8A8-INT", "GPTQ +SmoothQuant (search)", "search", None, 0, True),
+    ("FP8", "RTN", None, None, 0, False),
+    (S_INT4, "RTN", None, None, 0, False),
+    (S_INT4, "GPTQ", None, None, 0, True),
+    (S_FP4, "RTN", None, None, 0, False),
+    (S_FP4, "GPTQ", None, None, 0, True),
+    (S_INT4, "+SmoothQuant (search)", "search", None, 0, False),
+    (S_FP4, "+SmoothQuant (search)", "search", None, 0, False),
+    (S_INT4, "+rotation (online H down)", None, "online", 0, False),
+    (S_FP4, "+rotation (online H down)", None, "online", 0, False),
+    (S_INT4, "+LoRC r8", None, None, 8, False),
+    (S_INT4, "+LoRC r32", None, None, 32, False),
+    (S_FP4, "+LoRC r8", None, None, 8, False),
+    (S_FP4, "+LoRC r32", None, None, 32, False),
 ]
+# llm-compressor rows (benchmarks/peers/llmc_quantize.py schemes), same calibration ids.
+PEER_ROWS = {
+    "W8A8-INT": ("llm-compressor SmoothQuant 0.8 + GPTQ", "w8a8_sq_gptq"),
+    S_INT4: ("llm-compressor GPTQ (W4A8 INT4-g64 x FP8 token)", "w4a8_fp8_int4_g64"),
+}
 
 
 def best_combination(scheme: str, done: dict[tuple[str, str], float]) -> Row:
-    """Every component that beat RTN on its own, together, with LoRC r32."""
+    """GPTQ with every component that beat RTN on its own, and LoRC r32."""
     rtn = done[(scheme, "RTN")]
     sq = "search" if done.get((scheme, "+SmoothQuant (search)"), rtn) < rtn else None
     rot = "online" if done.get((scheme, "+rotation (online H down)"), rtn) < rtn else None
-    parts = [n for n, on in (("rotation", rot), ("SQ", sq)) if on] + ["LoRC r32"]
-    return (scheme, "best: " + " + ".join(parts), sq, rot, 32)
+    parts = ["GPTQ"] + [n for n, on in (("rotation", rot), ("SQ", sq)) if on] + ["LoRC r32"]
+    return (scheme, "best: " + " + ".join(parts), sq, rot, 32, True)
 
 
-def table(fp: float, results: list[tuple[str, str, float, float]]) -> str:
+Result = tuple[str, str, float, float]  # scheme, label, ppl, seconds
+
+
+def table(fp: float, results: list[Result]) -> str:
     rtn = {s: p for s, v, p, _ in results if v == "RTN"}
     lines = [
-        "| scheme | method | ppl | ppl / FP | ppl / RTN (same scheme) | seconds |",
-        "|---|---|---|---|---|---|",
-        f"| FP32 | - | {fp:.3f} | 1.000 | - | - |",
+        "| scheme | method | ppl | ppl / FP | ppl / RTN (same scheme) | loss kept vs RTN | seconds |",
+        "|---|---|---|---|---|---|---|",
+        f"| FP32 | - | {fp:.3f} | 1.000 | - | - | - |",
     ]
     for s, v, p, sec in results:
         r_rtn = f"{p / rtn[s]:.3f}" if s in rtn else "-"
-        lines.append(f"| {s} | {v} | {p:.3f} | {p / fp:.3f} | {r_rtn} | {sec:.0f} |")
+        kept = f"{(p - fp) / (rtn[s] - fp):.2f}" if s in rtn and rtn[s] > fp else "-"
+        lines.append(f"| {s} | {v} | {p:.3f} | {p / fp:.3f} | {r_rtn} | {kept} | {sec:.0f} |")
     return "\n".join(lines)
+
+
+def selected(only: str, label: str) -> bool:
+    """Whether ``label`` matches one of the comma-separated substrings (all if empty)."""
+    wanted = [w.strip() for w in only.split(",") if w.strip()]
+    return not wanted or any(w in label for w in wanted)
+
+
+def run_peer(python: str, model: Path, scheme: str, calib: Path, eval_ids: Path) -> float:
+    """llm-compressor's perplexity (activation quantization on) from the peer venv."""
+    out = Path(tempfile.mkdtemp(prefix="w4a8_peer_"))
+    cmd = [
+        python,
+        str(Path(__file__).parent / "peers" / "llmc_quantize.py"),
+        *("--model", str(model), "--calib", str(calib), "--scheme", scheme),
+        *("--method", "gptq", "--out", str(out / "model"), "--eval-ids", str(eval_ids)),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    found = [ln for ln in proc.stdout.splitlines() if ln.startswith("LLMC_RESULT ")]
+    if proc.returncode != 0 or not found:
+        raise RuntimeError(f"llm-compressor failed (rc {proc.returncode}): {proc.stderr[-2000:]}")
+    return float(json.loads(found[-1].split(" ", 1)[1])["ppl_in_peer"])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", default="", help="run rows whose 'scheme method' contains this")
+    ap.add_argument("--only", default="", help="comma-separated substrings of 'scheme method'")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/w4a8_smollm2.md"))
+    ap.add_argument("--append", action="store_true", help="keep earlier rows (OUT .json)")
+    ap.add_argument("--peer", default="/work/peers/llmc/bin/python", help="llm-compressor venv")
+    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     source = resolve_model("default", quiet=True)
     fp_model, tokenizer = load_fp_model(source)
     eval_ids = tokenize_eval_text(tokenizer, default_eval_file(), 4096)
@@ -127,32 +175,63 @@ def main() -> None:
         "W8A8, FP8 E4M3 otherwise). FP4 rows: ZeroQuant-FP M2 (per-row real scale x "
         "per-group power-of-two, exact FP4->FP8 cast). SmoothQuant: alpha searched per "
         "group on 0.3..0.9 (or off). Rotation: QuaRot randomised Hadamard + online "
-        "Hadamard before down_proj. LoRC: fp16 factors.\n"
+        "Hadamard before down_proj. LoRC: fp16 factors. GPTQ: act-order, static groups. "
+        "'loss kept vs RTN' = (ppl - FP) / (RTN ppl - FP) of the same scheme (target <= 0.5). "
+        "llm-compressor rows: perplexity computed in its venv on its in-memory model after "
+        "`oneshot` (activation fake-quantization on), same ids and windows.\n"
         "Command: `.venv/bin/python benchmarks/w4a8_smollm2.py`\n\n"
     )
-    results: list[tuple[str, str, float, float]] = []
-    done: dict[tuple[str, str], float] = {}
+    store = args.out.with_suffix(".json")
+    results: list[Result] = []
+    if args.append and store.exists():
+        results = [tuple(r) for r in json.loads(store.read_text())]  # type: ignore[misc]
+    done: dict[tuple[str, str], float] = {(s, v): p for s, v, p, _ in results}
+    tmp = Path(tempfile.mkdtemp(prefix="w4a8_bench_"))
+    torch.save(calib, tmp / "calib.pt")
+    torch.save(eval_ids, tmp / "eval.pt")
+
+    def record(scheme: str, label: str, ppl: float, seconds: float) -> None:
+        results[:] = [r for r in results if (r[0], r[1]) != (scheme, label)]
+        results.append((scheme, label, ppl, seconds))
+        done[(scheme, label)] = ppl
+        print(f"{scheme:24s} {label:46s} ppl {ppl:9.3f}  (FP {fp:.3f})", flush=True)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        store.write_text(json.dumps(results, indent=1) + "\n")
+        args.out.write_text(header + table(fp, results) + "\n")
+
     rows = list(ROWS)
+    finished: set[str] = set()
     i = 0
     while i < len(rows):
-        scheme, variant, sq, rot, lorc = rows[i]
+        scheme, variant, sq, rot, lorc, gptq = rows[i]
         i += 1
-        if args.only and args.only not in f"{scheme} {variant}":
+        if selected(args.only, f"{scheme} {variant}"):
+            start = time.perf_counter()
+            model = copy.deepcopy(fp_model)
+            plan = build_plan(model, SCHEMES[scheme])
+            ctx = PassContext(seed=0, progress=False, calibration=calib)
+            passes = build(scheme, sq, rot, lorc, gptq)
+            Pipeline(passes).run(QuantState(model, plan, tokenizer), ctx)
+            ppl = perplexity(model, eval_ids, seqlen=512, progress=False)
+            del model
+            record(scheme, variant, ppl, time.perf_counter() - start)
+        if scheme in finished or any(r[0] == scheme for r in rows[i:]):
             continue
-        start = time.perf_counter()
-        model = copy.deepcopy(fp_model)
-        plan = build_plan(model, SCHEMES[scheme])
-        ctx = PassContext(seed=0, progress=False, calibration=calib)
-        Pipeline(build(scheme, sq, rot, lorc)).run(QuantState(model, plan, tokenizer), ctx)
-        ppl = perplexity(model, eval_ids, seqlen=512, progress=False)
-        del model
-        done[(scheme, variant)] = ppl
-        results.append((scheme, variant, ppl, time.perf_counter() - start))
-        print(f"{scheme:24s} {variant:42s} ppl {ppl:9.3f}  (FP {fp:.3f})", flush=True)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(header + table(fp, results) + "\n")
-        if variant == "+LoRC r32" and not args.only:
+        finished.add(scheme)  # the scheme's last row: its best combination, then the peer
+        wants_best = selected(args.only, f"{scheme} best")
+        if scheme in (S_INT4, S_FP4) and wants_best and (scheme, "RTN") in done:
             rows.append(best_combination(scheme, done))
+        if scheme in PEER_ROWS:
+            label, peer_scheme = PEER_ROWS[scheme]
+            if selected(args.only, f"{scheme} {label}"):
+                start = time.perf_counter()
+                try:
+                    ppl = run_peer(
+                        args.peer, source.path, peer_scheme, tmp / "calib.pt", tmp / "eval.pt"
+                    )
+                    record(scheme, label, ppl, time.perf_counter() - start)
+                except RuntimeError as exc:
+                    print(f"{scheme} {label}: {exc}", flush=True)
     print(table(fp, results))
 
 

@@ -33,8 +33,25 @@ INT_SCHEMES = {
 }
 
 
+ACT_SCHEMES = ("w8a8_sq_gptq", "w4a8_fp8_int4_g64")
+
+
 def recipe(scheme: str, method: str) -> object:
     cls = GPTQModifier if method == "gptq" else QuantizationModifier
+    if scheme == "w8a8_sq_gptq":  # llm-compressor's W8A8 example: SmoothQuant 0.8 + GPTQ
+        from llmcompressor.modifiers.transform import SmoothQuantModifier
+
+        return [
+            SmoothQuantModifier(smoothing_strength=0.8),
+            cls(scheme="W8A8", targets="Linear", ignore=["lm_head"]),
+        ]
+    if scheme == "w4a8_fp8_int4_g64":  # INT4 g64 symmetric weights x FP8 dynamic per token
+        weights = QuantizationArgs(type="int", symmetric=True, **INT_SCHEMES["int4_g64"])
+        acts = QuantizationArgs(
+            num_bits=8, type="float", strategy="token", dynamic=True, symmetric=True
+        )
+        scheme_ = QuantizationScheme(targets=["Linear"], weights=weights, input_activations=acts)
+        return cls(config_groups={"group_0": scheme_}, ignore=["lm_head"])
     if scheme == "nvfp4":
         return cls(scheme="NVFP4A16", targets="Linear", ignore=["lm_head"])
     args = QuantizationArgs(type="int", symmetric=True, **INT_SCHEMES[scheme])
@@ -58,7 +75,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
     ap.add_argument("--calib", required=True)
-    ap.add_argument("--scheme", required=True, choices=[*INT_SCHEMES, "nvfp4"])
+    ap.add_argument("--scheme", required=True, choices=[*INT_SCHEMES, "nvfp4", *ACT_SCHEMES])
     ap.add_argument("--method", required=True, choices=["gptq", "rtn"])
     ap.add_argument("--out", required=True)
     ap.add_argument("--eval-ids", default=None)
