@@ -37,7 +37,8 @@ template <class Fmt, int kAct, int kOut>
 const char* launch_typed(const QLinearArgs& a, cudaStream_t stream) {
   const WeightView w = make_view(a);
   if (a.M <= 8) {
-    const dim3 grid((a.N + kGemvWarps - 1) / kGemvWarps);
+    const int rows_per_block = kGemvWarps * kGemvRows;
+    const dim3 grid((a.N + rows_per_block - 1) / rows_per_block);
     if (a.M == 1) {
       qgemv_kernel<Fmt, kAct, kOut, 1><<<grid, kGemvWarps * 32, 0, stream>>>(a, w);
     } else {

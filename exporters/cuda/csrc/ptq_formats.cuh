@@ -20,6 +20,12 @@ struct alignas(16) U32x4 {
   uint32_t w[4];
 };
 
+// A group's scale and the code offset subtracted before scaling (INT4: 8 or the zero point).
+struct ScaleZero {
+  float scale;
+  float zero;
+};
+
 // Scale element types of INT4 group scales.
 enum ScaleKind : int { kScaleF32 = 0, kScaleF16 = 1, kScaleBF16 = 2 };
 
@@ -71,23 +77,30 @@ PTQ_HD float load_scale(const void* base, size_t idx) {
 template <int kScaleKind, bool kAsym>
 struct Int4Format {
   static constexpr int kElemsPerVec = 32;
+  static constexpr bool kHalf2Dot = true;  // GEMV may use int4_dot8_half2 (ptq_half2.cuh)
+
+  // {group scale, zero offset} of element k of row n: W[n, k] = (u - offset) * scale.
+  PTQ_HD static ScaleZero group_params(const WeightView& w, int n, int k) {
+    const int groups = w.K >> w.group_shift;
+    const int g = k >> w.group_shift;
+    const float s = load_scale<kScaleKind>(w.scale, static_cast<size_t>(n) * groups + g);
+    if constexpr (kAsym) {
+      const uint32_t zw = load_scalar(w.zero + static_cast<size_t>(n >> 3) * groups + g);
+      return ScaleZero{s, static_cast<float>(nibble(zw, n & 7))};
+    } else {
+      return ScaleZero{s, 8.0f};
+    }
+  }
 
   PTQ_HD static U32x4 load_vec(const WeightView& w, int n, int vi) {
     return load_vec16(w.data, (static_cast<size_t>(n) * w.K / 2) + 16u * vi);
   }
   PTQ_HD static float chunk(const WeightView& w, const U32x4& v, int n, int k0, int j,
                             float out[8]) {
-    const int groups = w.K >> w.group_shift;
-    const int g = (k0 + 8 * j) >> w.group_shift;
-    const float s = load_scale<kScaleKind>(w.scale, static_cast<size_t>(n) * groups + g);
-    float offset = 8.0f;
-    if constexpr (kAsym) {
-      const uint32_t zw = load_scalar(w.zero + static_cast<size_t>(n >> 3) * groups + g);
-      offset = static_cast<float>(nibble(zw, n & 7));
-    }
+    const ScaleZero p = group_params(w, n, k0 + 8 * j);
 #pragma unroll
-    for (int i = 0; i < 8; ++i) out[i] = int4_value(v.w[j], i, offset);
-    return s;
+    for (int i = 0; i < 8; ++i) out[i] = int4_value(v.w[j], i, p.zero);
+    return p.scale;
   }
   PTQ_HD static float row_epilogue(const WeightView&, int, float acc) { return acc; }
 };
@@ -97,6 +110,7 @@ struct Int4Format {
 template <bool kNv>
 struct Fp4Format {
   static constexpr int kElemsPerVec = 32;
+  static constexpr bool kHalf2Dot = false;
 
   PTQ_HD static U32x4 load_vec(const WeightView& w, int n, int vi) {
     return load_vec16(w.data, (static_cast<size_t>(n) * w.K / 2) + 16u * vi);
@@ -128,6 +142,7 @@ struct Fp4Format {
 template <bool kFp8>
 struct Byte8Format {
   static constexpr int kElemsPerVec = 16;
+  static constexpr bool kHalf2Dot = false;
 
   PTQ_HD static U32x4 load_vec(const WeightView& w, int n, int vi) {
     return load_vec16(w.data, static_cast<size_t>(n) * w.K + 16u * vi);
