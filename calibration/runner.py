@@ -13,7 +13,9 @@ the same way, each stage's forward stopping once its layers ran.
 Calibration data is either ``[n, seqlen]`` token ids (split into batches, fed as
 ``input_ids``) or a list of model-input dicts (``{"pixel_values": ...}``,
 ``{"input_ids": ..., "attention_mask": ...}``), each dict one forward. Convolutions
-contribute im2col rows (:mod:`ptq.calibration.layer_inputs`).
+contribute im2col rows (:mod:`ptq.calibration.layer_inputs`). Dense layers' Hessians are
+summed forward by forward in batch order (:class:`OrderedHessian`), which is what lets a
+data-parallel run (``parallel``, :mod:`ptq.calibration.layer_parallel`) give the same bits.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import contextlib
 import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -38,8 +40,10 @@ from ptq.calibration.blocks import (
 )
 from ptq.calibration.hessian import HessianAccumulator
 from ptq.calibration.layer_inputs import GroupedHessian, geometry, input_rows, new_hessian
+from ptq.calibration.ordered_hessian import OrderedHessian
 
 QuantizeFn = Callable[[str, "LayerStats"], None]
+NewStatsFn = Callable[[nn.Module, "StatsRequest", int], "LayerStats"]
 Calibration = torch.Tensor | Sequence[Mapping[str, Any]]
 
 
@@ -85,9 +89,37 @@ class StatsRequest:
     input_rows: int = 0
 
 
+class StageParallel(Protocol):
+    """How a data/layer-parallel job shares a run (:mod:`ptq.calibration.layer_parallel`)."""
+
+    def shard(self, batches: list[Any]) -> list[Any]:
+        """This process's calibration batches."""
+        ...
+
+    def new_stats(self, module: nn.Module, request: StatsRequest, n_batches: int) -> LayerStats:
+        """Per-layer statistics that can be reduced across processes."""
+        ...
+
+    def reduce(self, stage: list[str], stats: dict[str, LayerStats]) -> None:
+        """Bring each layer's statistics, reduced over all processes, to its owner."""
+        ...
+
+    def owns(self, stage: list[str], name: str) -> bool:
+        """Whether this process quantizes ``name``."""
+        ...
+
+    def sync(self, stage: list[str]) -> None:
+        """Give every process the layers the others quantized."""
+        ...
+
+
 def _new_stats(module: nn.Module, request: StatsRequest, n_batches: int = 1) -> LayerStats:
     geo = geometry(module)
-    hess = new_hessian(geo) if request.hessian else None
+    hess: HessianAccumulator | GroupedHessian | None = None
+    if request.hessian:
+        hess = new_hessian(geo)
+        if type(hess) is HessianAccumulator:
+            hess = OrderedHessian(geo.in_features)
     per_add = 0
     if geo.kind == "conv" and request.input_rows > 0:
         per_add = -(-request.input_rows // max(n_batches, 1))
@@ -167,13 +199,14 @@ def _collect(
     request: StatsRequest,
     run: Callable[[], Any],
     n_batches: int = 1,
+    new_stats: NewStatsFn = _new_stats,
 ) -> dict[str, LayerStats]:
     """Run ``run()`` with hooks that feed each named layer's input rows to its stats."""
     stats: dict[str, LayerStats] = {}
     handles = []
     for name in names:
         module = root.get_submodule(name[len(prefix) :])
-        stats[name] = _new_stats(module, request, n_batches)
+        stats[name] = new_stats(module, request, n_batches)
 
         def hook(
             _m: nn.Module, args: tuple[Any, ...], out: Any, _s: LayerStats = stats[name]
@@ -217,6 +250,9 @@ class BlockwiseRunner:
         batch_size: Calibration sequences per forward (token-id calibration only).
         progress: Show a progress bar over blocks.
         describe: Text for the progress bar after each block.
+        parallel: Data/layer-parallel hooks: this process runs only its shard of the
+            batches, each stage's statistics are reduced to the layer owners, which
+            quantize their layers, and the results are shared before the next stage.
     """
 
     request: StatsRequest
@@ -224,14 +260,36 @@ class BlockwiseRunner:
     batch_size: int = 8
     progress: bool = True
     describe: Callable[[], str] | None = None
+    parallel: StageParallel | None = None
 
     @property
     def _needs_data(self) -> bool:
         return self.request.hessian or self.request.input_rows > 0
 
+    def _collect_stats(
+        self, root: nn.Module, stage: list[str], prefix: str, run: Callable[[], Any], n: int
+    ) -> dict[str, LayerStats]:
+        if not self._needs_data:
+            return {name: LayerStats(max_rows=0) for name in stage}
+        new = _new_stats if self.parallel is None else self.parallel.new_stats
+        return _collect(root, stage, prefix, self.request, run, n, new)
+
+    def _quantize_stage(self, stage: list[str], stats: dict[str, LayerStats]) -> None:
+        if self.parallel is None:
+            for name in stage:
+                self.quantize(name, stats[name])
+            return
+        self.parallel.reduce(stage, stats)
+        for name in stage:
+            if self.parallel.owns(stage, name):
+                self.quantize(name, stats[name])
+        self.parallel.sync(stage)
+
     @torch.no_grad()
     def run(self, model: nn.Module, layer_names: list[str], calibration: Calibration) -> None:
         batches = split_calibration(calibration, self.batch_size)
+        if self.parallel is not None:
+            batches = self.parallel.shard(batches)
         found = find_blocks(model)
         if found is None:
             self._run_whole(model, layer_names, batches)
@@ -259,35 +317,20 @@ class BlockwiseRunner:
     def _stage(
         self, block: nn.Module, prefix: str, stage: list[str], inputs: list[BlockInput]
     ) -> None:
-        if self._needs_data:
-            stats = _collect(
-                block, stage, prefix, self.request, lambda: run_block(block, inputs), len(inputs)
-            )
-        else:
-            stats = {n: LayerStats(max_rows=0) for n in stage}
-        for name in stage:
-            self.quantize(name, stats[name])
+        run = functools.partial(run_block, block, inputs)
+        self._quantize_stage(stage, self._collect_stats(block, stage, prefix, run, len(inputs)))
 
     def _run_whole(self, model: nn.Module, names: list[str], batches: list[Any]) -> None:
         """The whole model as one block: stages in execution order, quantized in turn."""
         if not self._needs_data:
-            for name in names:
-                self.quantize(name, LayerStats(max_rows=0))
+            self._quantize_stage(names, {n: LayerStats(max_rows=0) for n in names})
             return
         order = _execution_order(model, "", names, lambda: forward_batch(model, batches[0]))
         stages = _stages_from_order(order, names)
         bar = tqdm(stages, desc="stages", disable=not self.progress or len(stages) < 2)
         for stage in bar:
-            stats = _collect(
-                model,
-                stage,
-                "",
-                self.request,
-                functools.partial(_forward_until, model, stage, batches),
-                len(batches),
-            )
-            for name in stage:
-                self.quantize(name, stats[name])
+            run = functools.partial(_forward_until, model, stage, batches)
+            self._quantize_stage(stage, self._collect_stats(model, stage, "", run, len(batches)))
             if self.describe is not None:
                 bar.set_postfix_str(self.describe())
 

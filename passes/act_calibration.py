@@ -16,13 +16,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
 from ptq.pipeline import Pass, PassContext, QuantState
 from ptq.qlinear import QuantLinear
+
+if TYPE_CHECKING:
+    from ptq.calibration.distributed import DistributedContext
 
 
 def token_batches(tokens: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
@@ -111,21 +114,77 @@ class ActCalibrationConfig:
 
 
 def static_ranges(
-    model: nn.Module, names: list[str], tokens: torch.Tensor, config: ActCalibrationConfig
+    model: nn.Module,
+    names: list[str],
+    tokens: torch.Tensor,
+    config: ActCalibrationConfig,
+    distributed: DistributedContext | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Observed input range ``r`` per named module under ``config.observer``."""
+    """Observed input range ``r`` per named module under ``config.observer``.
+
+    With ``distributed`` (more than one rank) each rank observes its contiguous share of
+    the calibration batches and the statistics are all-reduced so that every rank gets
+    the single-process result bit for bit: the min-max ranges with ``MAX`` (exact in
+    any order), the percentile observer's per-batch values by placing each in its global
+    batch slot (a ``SUM`` with zeros elsewhere, exact), then summing in batch order.
+    """
+    if distributed is not None and distributed.world > 1:
+        return _distributed_ranges(model, names, tokens, config, distributed)
     if config.observer == "minmax":
         return input_absmax(model, names, tokens, per_channel=False, batch_size=config.batch_size)
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
+    values = _percentile_values(model, names, tokens, config)
+    return {n: _sum_in_order(v) / len(v) for n, v in values.items()}
+
+
+def _percentile_values(
+    model: nn.Module, names: list[str], tokens: torch.Tensor, config: ActCalibrationConfig
+) -> dict[str, list[torch.Tensor]]:
+    """Per-batch ``p``-th percentile of ``|x|`` per named module, in batch order."""
+    values: dict[str, list[torch.Tensor]] = {}
 
     def observe(name: str, x: torch.Tensor) -> None:
-        v = percentile_absmax(x, config.percentile)
-        sums[name] = sums.get(name, torch.zeros(())) + v
-        counts[name] = counts.get(name, 0) + 1
+        values.setdefault(name, []).append(percentile_absmax(x, config.percentile))
 
     observe_inputs(model, names, tokens, observe, config.batch_size)
-    return {n: sums[n] / counts[n] for n in sums}
+    return values
+
+
+def _sum_in_order(values: list[torch.Tensor]) -> torch.Tensor:
+    total = torch.zeros(())
+    for v in values:
+        total = total + v
+    return total
+
+
+def _distributed_ranges(
+    model: nn.Module,
+    names: list[str],
+    tokens: torch.Tensor,
+    config: ActCalibrationConfig,
+    ctx: DistributedContext,
+) -> dict[str, torch.Tensor]:
+    import torch.distributed as dist
+
+    starts = list(range(0, tokens.shape[0], config.batch_size))
+    mine = ctx.shard(starts)
+    first = starts.index(mine[0])
+    local = tokens[mine[0] : min(mine[-1] + config.batch_size, tokens.shape[0])]
+    if config.observer == "minmax":
+        part = input_absmax(model, names, local, per_channel=False, batch_size=config.batch_size)
+        stacked = torch.stack([part[n].float().reshape(()) for n in names]).to(ctx.device)
+        with ctx.collective("reducing activation ranges"):
+            dist.all_reduce(stacked, op=dist.ReduceOp.MAX)
+        return {n: stacked[i].cpu() for i, n in enumerate(names)}
+    values = _percentile_values(model, names, local, config)
+    table = torch.zeros(len(starts), len(names))
+    for j, n in enumerate(names):
+        for b, v in enumerate(values[n]):
+            table[first + b, j] = v
+    table = table.to(ctx.device)
+    with ctx.collective("reducing activation percentiles"):
+        dist.all_reduce(table, op=dist.ReduceOp.SUM)
+    table = table.cpu()
+    return {n: _sum_in_order(list(table[:, j])) / len(starts) for j, n in enumerate(names)}
 
 
 class ActCalibrationPass(Pass):
@@ -163,7 +222,9 @@ class ActCalibrationPass(Pass):
         for n in saved:
             state.model.get_submodule(n).activation = None  # type: ignore[assignment]
         try:
-            ranges = static_ranges(state.model, list(modules), ctx.calibration, self.config)
+            ranges = static_ranges(
+                state.model, list(modules), ctx.calibration, self.config, ctx.distributed
+            )
         finally:
             for n, act in saved.items():
                 state.model.get_submodule(n).activation = act  # type: ignore[assignment]

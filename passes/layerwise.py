@@ -7,7 +7,9 @@ over input rows (:mod:`ptq.calibration.layer_inputs`): Linear, GPT-2 ``Conv1D`` 
 transposed) and ``nn.Conv1d/2d`` (weight ``[O, I/g * kh * kw]``, im2col rows). Quantized
 layers become :class:`~ptq.qlinear.QuantLinear` or
 :class:`~ptq.frontend.qconv.QuantConv2d`. Every layer's reconstruction error is recorded
-in ``ctx.records["layers"]`` (written to the output as JSON).
+in ``ctx.records["layers"]`` (written to the output as JSON). Under ``torchrun``
+(``ctx.distributed``) the runner shards the batches and each layer is quantized by one
+rank and installed on the others (:mod:`ptq.calibration.layer_parallel`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 from torch import nn
 
 from ptq.calibration.layer_inputs import geometry, rows_forward
-from ptq.calibration.runner import BlockwiseRunner, LayerStats, StatsRequest
+from ptq.calibration.runner import BlockwiseRunner, LayerStats, StageParallel, StatsRequest
 from ptq.formats import QTensor
 from ptq.frontend.qconv import QuantConv2d
 from ptq.modules import replace_module
@@ -95,25 +97,40 @@ class LayerwisePass(Pass):
         records: dict[str, Any] = ctx.records.setdefault("layers", {})
         last: list[str] = [""]
 
+        results: dict[str, tuple[QTensor, torch.Tensor | None, dict[str, Any]]] = {}
+
+        def install(name: str, qt: QTensor, bias: torch.Tensor | None, rec: dict[str, Any]) -> None:
+            records[name] = rec
+            short = ".".join(name.rsplit(".", 2)[-2:])
+            last[0] = f"{short} err={rec.get('rel_output_error', math.nan):.2e}"
+            layer = model.get_submodule(name)
+            activation = plan.layers[name].activation
+            replace_module(model, name, quantized_module(layer, qt, bias, activation))
+
         def quantize(name: str, stats: LayerStats) -> None:
             layer = model.get_submodule(name)
             if isinstance(layer, QUANTIZED_TYPES):
                 return
-            lp = plan.layers[name]
             with torch.enable_grad():  # the runner holds no_grad; optimisers need autograd
-                qt, bias, record = self.quantize_layer(name, layer, lp, stats, ctx)
+                qt, bias, record = self.quantize_layer(name, layer, plan.layers[name], stats, ctx)
             record["method"] = self.name
-            records[name] = record
-            short = ".".join(name.rsplit(".", 2)[-2:])
-            last[0] = f"{short} err={record.get('rel_output_error', math.nan):.2e}"
             new_bias = bias if bias is not None else getattr(layer, "bias", None)
-            replace_module(model, name, quantized_module(layer, qt, new_bias, lp.activation))
+            if parallel is not None:
+                results[name] = (qt, new_bias, record)
+            install(name, qt, new_bias, record)
 
+        parallel: StageParallel | None = None
+        dist = ctx.distributed
+        if dist is not None and dist.world > 1:
+            from ptq.calibration.layer_parallel import LayerParallel
+
+            parallel = LayerParallel(dist, results, install)
         runner = BlockwiseRunner(
             request=self.stats_request(),
             quantize=quantize,
             batch_size=CALIBRATION_BATCH,
             progress=ctx.progress,
             describe=lambda: last[0],
+            parallel=parallel,
         )
         runner.run(model, [lp.name for lp in plan], ctx.calibration)

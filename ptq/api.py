@@ -7,10 +7,11 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -22,6 +23,9 @@ from ptq.output import atomic_output_dir, check_output_dir
 from ptq.pipeline import Pass, PassContext, Pipeline, QuantState
 from ptq.plan import QuantPlan, build_plan
 from ptq.scheme import Scheme, get_scheme
+
+if TYPE_CHECKING:
+    from ptq.calibration.distributed import DistributedContext
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,6 +57,7 @@ class QuantizeResult:
     quant_ppl: float | None = None
     seconds: float = 0.0
     records: dict[str, Any] = field(default_factory=dict)
+    rank: int = 0
 
 
 def default_pipeline(method: str = "rtn") -> Pipeline:
@@ -85,6 +90,7 @@ def quantize(
     low_memory: bool = False,
     restart: bool = False,
     log: Any = print,
+    distributed: DistributedContext | None = None,
 ) -> QuantizeResult:
     """Quantize ``model`` with ``scheme``; optionally evaluate and export.
 
@@ -103,10 +109,79 @@ def quantize(
             block); resumable: rerunning after a crash continues from the last block.
         restart: With ``low_memory``, discard an interrupted run of a different command.
         log: Where human-readable messages go.
+        distributed: This process's place in a ``torchrun`` job; None reads torchrun's
+            environment (``WORLD_SIZE > 1`` turns it on). With several processes the
+            block-wise passes shard the calibration batches and the layers of each stage
+            over the ranks (docs/distributed.md), the output equals a one-process run bit
+            for bit, and only rank 0 logs, evaluates and writes ``output``; every rank
+            returns once it is written.
     """
+    from ptq.calibration.distributed import DistributedContext
+
+    run = functools.partial(
+        _quantize,
+        model,
+        scheme,
+        output=output,
+        pipeline=pipeline,
+        calibration=calibration,
+        evaluate=evaluate,
+        seed=seed,
+        overwrite=overwrite,
+        trust_remote_code=trust_remote_code,
+        low_memory=low_memory,
+        restart=restart,
+    )
+    dctx = distributed if distributed is not None else DistributedContext.from_env()
+    if dctx.world == 1:
+        return run(progress=progress, log=log, dctx=None)
+    if low_memory:
+        raise PtqUsageError(
+            "--low-memory cannot run under torchrun (its resumable work folder belongs to "
+            "one process); run it without torchrun, or drop --low-memory"
+        )
+    joined = dctx.init()
+    try:
+        if dctx.is_main:
+            mode = "data and layer" if dctx.layer_parallel else "data"
+            log(f"distributed: {dctx.world} processes ({dctx.backend}), {mode} parallel")
+        result = run(
+            progress=progress and dctx.is_main, log=log if dctx.is_main else _silent, dctx=dctx
+        )
+        dctx.barrier("waiting for rank 0 to evaluate and write the output")
+        result.rank = dctx.rank
+        return result
+    finally:
+        if joined:
+            dctx.close()
+
+
+def _silent(*_args: Any, **_kwargs: Any) -> None:
+    """``log`` of ranks other than 0."""
+
+
+def _quantize(
+    model: str | Path | ModelSource,
+    scheme: Scheme | str,
+    *,
+    output: str | Path | None,
+    pipeline: Pipeline | list[Pass] | None,
+    calibration: CalibrationConfig | None,
+    evaluate: EvalConfig | bool,
+    seed: int,
+    overwrite: bool,
+    progress: bool,
+    trust_remote_code: bool,
+    low_memory: bool,
+    restart: bool,
+    log: Any,
+    dctx: DistributedContext | None,
+) -> QuantizeResult:
+    """:func:`quantize` in this process; ``dctx`` set: one rank of a job (rank 0 writes)."""
+    main = dctx is None or dctx.is_main
     start = time.perf_counter()
     out = Path(output) if output is not None else None
-    if out is not None:
+    if out is not None and main:
         check_output_dir(out, overwrite)
     scheme = _as_scheme(scheme)
     source = model if isinstance(model, ModelSource) else resolve_model(model, quiet=not progress)
@@ -145,7 +220,7 @@ def quantize(
     eval_cfg = EvalConfig() if evaluate is True else (evaluate or None)
     eval_ids = None
     result = QuantizeResult(model=fp_model, plan=plan, output=out)
-    if eval_cfg is not None:
+    if eval_cfg is not None and main:
         if tokenizer is None:
             raise PtqInputError(f"{source.path} has no tokenizer; cannot evaluate perplexity")
         eval_ids = tokenize_eval_text(
@@ -155,7 +230,7 @@ def quantize(
             fp_model, eval_ids, seqlen=eval_cfg.seqlen, progress=progress, desc="eval fp"
         )
         log(f"FP perplexity: {result.fp_ppl:.4f} ({eval_ids.numel()} tokens)")
-    ctx = PassContext(seed=seed, progress=progress)
+    ctx = PassContext(seed=seed, progress=progress, distributed=dctx)
     if pipe.needs_calibration or (scheme.activation is not None and not scheme.activation.dynamic):
         from ptq.calibration.text import calibration_batches
 
@@ -172,7 +247,7 @@ def quantize(
             fp_model, eval_ids, seqlen=eval_cfg.seqlen, progress=progress, desc="eval quant"
         )
         log(f"quantized perplexity: {result.quant_ppl:.4f} (scheme {scheme.name})")
-    if out is not None:
+    if out is not None and main:
         from ptq.exporters.safetensors_export import export_compressed_tensors
 
         with atomic_output_dir(out, overwrite) as tmp:

@@ -12,12 +12,15 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
 from ptq.plan import QuantPlan
+
+if TYPE_CHECKING:
+    from ptq.calibration.distributed import DistributedContext
 
 LOG = logging.getLogger("ptq")
 
@@ -34,6 +37,9 @@ class PassContext:
         facts: Facts established so far.
         history: Names of the passes that ran, in order.
         timings: Seconds per pass.
+        distributed: This process's place in a ``torchrun`` job (None: one process).
+            Block-wise passes then shard the calibration batches over the ranks and
+            spread each stage's layers; other passes run whole on every rank.
     """
 
     seed: int = 0
@@ -44,6 +50,7 @@ class PassContext:
     history: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     logger: logging.Logger = LOG
+    distributed: DistributedContext | None = None
 
     def generator(self, salt: int = 0) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed * 1_000_003 + salt)

@@ -1,13 +1,13 @@
-"""Distributed calibration: 2 processes (gloo) give outputs bit-identical to 1 process.
+"""Distributed calibration: batch-ordered reductions, failures that do not hang, and
+``torchrun`` runs whose output equals one process bit for bit.
 
-This file is also the torchrun worker (``python -m torch.distributed.run ... this_file
-MODEL TEXT OUT THREADS``). The runner and pass subclasses below are the exact edits
-proposed for ``calibration/runner.py`` and ``passes/layerwise.py`` (until they land).
+This file is also the worker of the gloo tests (``python this_file ROLE OUT``, with
+torchrun's ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT`` in the environment);
+workers import torch only, so the reduction tests stay in the default suite.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -15,151 +15,107 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from torch import nn
 
-from ptq.calibration import runner as runner_mod
-from ptq.calibration.blocks import BlockInput, run_block
-from ptq.calibration.distributed import DistributedContext, LayerParallel, OrderedHessian
+from ptq.calibration.distributed import DistributedContext, DistributedError
 from ptq.calibration.hessian import HessianAccumulator
-from ptq.calibration.runner import BlockwiseRunner, Calibration, LayerStats, split_calibration
-from ptq.formats import QTensor
-from ptq.passes.gptq import GPTQPass
-from ptq.passes.layerwise import CALIBRATION_BATCH, quantized_module, replace_module
-from ptq.pipeline import PassContext, QuantState
+from ptq.calibration.ordered_hessian import OrderedHessian
+from ptq.calibration.runner import LayerStats, StatsRequest, _new_stats
+from ptq.errors import PtqError
 
 HERE = Path(__file__).resolve()
+K, BATCHES, MAX_ROWS = 6, 5, 7
+SCALES = (1e6, 1.0, 3e-4, 7e5, 0.02)  # magnitudes far apart: the order of additions shows
 
 
-@dataclass
-class ParallelRunner(BlockwiseRunner):
-    """BlockwiseRunner plus the proposed ``parallel`` hooks."""
-
-    parallel: LayerParallel | None = None
-
-    def run(self, model: nn.Module, layer_names: list[str], calibration: Calibration) -> None:
-        assert self.parallel is not None and isinstance(calibration, torch.Tensor)
-        mine = self.parallel.shard(split_calibration(calibration, self.batch_size))
-        super().run(model, layer_names, torch.cat(mine))
-
-    def _stage(
-        self, block: nn.Module, prefix: str, stage: list[str], inputs: list[BlockInput]
-    ) -> None:
-        assert self.parallel is not None and self._needs_data
-        stats = runner_mod._collect(
-            block, stage, prefix, self.request, lambda: run_block(block, inputs), len(inputs)
-        )
-        self.parallel.reduce(stage, stats)
-        for name in stage:
-            if self.parallel.owns(stage, name):
-                self.quantize(name, stats[name])
-        self.parallel.sync(stage)
+def _batches() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return [torch.randn(3, K, generator=g) * s for s in SCALES]
 
 
-class ParallelGPTQ(GPTQPass):
-    """GPTQPass whose ``run`` has the proposed LayerwisePass.run edits."""
-
-    def __init__(self, dctx: DistributedContext) -> None:
-        super().__init__()
-        self.dctx = dctx
-
-    def run(self, state: QuantState, ctx: PassContext) -> None:
-        assert ctx.calibration is not None
-        model, plan = state.model, state.plan
-        records: dict[str, Any] = ctx.records.setdefault("layers", {})
-        results: dict[str, tuple[QTensor, torch.Tensor | None, dict[str, Any]]] = {}
-
-        def install(name: str, qt: QTensor, bias: torch.Tensor | None, rec: dict[str, Any]) -> None:
-            records[name] = rec
-            layer = model.get_submodule(name)
-            new = quantized_module(layer, qt, bias, plan.layers[name].activation)
-            replace_module(model, name, new)
-
-        def quantize(name: str, stats: LayerStats) -> None:
-            layer = model.get_submodule(name)
-            with torch.enable_grad():
-                qt, bias, record = self.quantize_layer(name, layer, plan.layers[name], stats, ctx)
-            record["method"] = self.name
-            new_bias = bias if bias is not None else getattr(layer, "bias", None)
-            results[name] = (qt, new_bias, record)
-            install(name, qt, new_bias, record)
-
-        parallel = LayerParallel(self.dctx, results, install)
-        runner = ParallelRunner(
-            request=self.stats_request(),
-            quantize=quantize,
-            batch_size=CALIBRATION_BATCH,
-            progress=False,
-            parallel=parallel,
-        )
-        original = runner_mod._new_stats
-        runner_mod._new_stats = parallel.new_stats  # proposed: _collect(new_stats=...)
-        try:
-            runner.run(model, [lp.name for lp in plan], ctx.calibration)
-        finally:
-            runner_mod._new_stats = original
+def _partial(x: torch.Tensor) -> torch.Tensor:
+    part = HessianAccumulator(K)
+    part.update(x)
+    assert part._sum is not None
+    return part._sum
 
 
-@torch.no_grad()
-def _execution_order(
-    root: nn.Module, prefix: str, names: list[str], run: Callable[[], Any]
-) -> list[tuple[str, int]]:
-    """runner._execution_order with the proposed fix: keep inputs alive so ids stay unique
-    (a freed tensor's id is reused, which merged gate/up into the q/k/v stage on one rank)."""
-    order: list[tuple[str, int]] = []
-    alive: list[torch.Tensor] = []
-    handles = []
-    for name in names:
-        module = root.get_submodule(name[len(prefix) :])
+def _layers() -> list[Any]:
+    """Quantized layers to broadcast: NVFP4 (global scale), asymmetric INT4 (zero points)
+    with a bias and a NaN in the record, and None (an owner that skipped the layer)."""
+    from ptq.formats import quantize
+    from ptq.formats.presets import get_preset
 
-        def hook(_m: nn.Module, args: tuple[Any, ...], _name: str = name) -> None:
-            alive.append(args[0])
-            order.append((_name, id(args[0])))
+    w = torch.randn(8, 256, generator=torch.Generator().manual_seed(5))
+    bias = torch.arange(8, dtype=torch.float32)
+    return [
+        (quantize(w, get_preset("nvfp4")), None, {"rel_output_error": 0.1, "method": "gptq"}),
+        (quantize(w, get_preset("int4_g128_asym")), bias, {"loss": math.nan, "steps": 3}),
+        None,
+    ]
 
-        handles.append(module.register_forward_pre_hook(hook))
+
+def _fold(xs: list[torch.Tensor]) -> torch.Tensor:
+    total = torch.zeros(K, K, dtype=torch.float64)
+    for x in xs:
+        total += _partial(x)
+    return total
+
+
+# --------------------------------------------------------------------------- workers
+
+
+def _worker(role: str, out: Path) -> None:
+    """One rank: ``reduce`` (chain 0 -> 1 -> 0, rows gathered on 0); with ``crash`` rank 1
+    exits, with ``hang`` it stays silent past the timeout and then exits cleanly."""
+    from ptq.calibration.layer_parallel import broadcast_result, reduce_layer_stats
+
+    ctx = DistributedContext.from_env(timeout_s=float(os.environ.get("PTQ_TEST_TIMEOUT", "60")))
+    ctx.init()
+    mine = ctx.shard(_batches())
+    if ctx.rank == 1 and role == "crash":
+        sys.exit(3)
+    if ctx.rank == 1 and role == "hang":
+        time.sleep(ctx.timeout_s + 3)
+        sys.exit(0)
+    stats = LayerStats(hessian=OrderedHessian(K, defer=True), max_rows=MAX_ROWS)
+    for x in mine:
+        stats.add(x)
     try:
-        run()
-    finally:
-        for h in handles:
-            h.remove()
-    return order
+        reduce_layer_stats({"layer": stats}, {"layer": 0}, ctx)
+    except DistributedError as exc:
+        out.write_text(str(exc))
+        sys.exit(2)
+    layers = [broadcast_result(r if ctx.rank == 1 else None, 1, ctx) for r in _layers()]
+    if ctx.rank == 0:
+        assert stats.hessian is not None
+        got = {"h": stats.hessian._sum, "n": stats.hessian.nsamples, "rows": stats.inputs}
+        torch.save(got, out)
+        _check_layers(layers, out.with_suffix(".layers"))
+    else:
+        assert stats.hessian is None and stats.inputs == []
+    ctx.close()
 
 
-def worker(model_dir: str, text: str, out: str, threads: int) -> None:
-    """One rank: GPTQ w4a16 on ``model_dir``; rank 0 writes ``out``."""
-    from ptq.calibration.text import calibration_batches
-    from ptq.exporters.safetensors_export import export_compressed_tensors
-    from ptq.models.source import load_fp_model, resolve_model
-    from ptq.output import atomic_output_dir
-    from ptq.plan import build_plan
-    from ptq.scheme import get_scheme
-
-    torch.set_num_threads(threads)
-    runner_mod._execution_order = _execution_order  # proposed fix, see above
-    dctx = DistributedContext.from_env()
-    dctx.init()
-    try:
-        source = resolve_model(model_dir)
-        model, tok = load_fp_model(source)
-        plan = build_plan(model, get_scheme("w4a16"))
-        calib = calibration_batches(tok, path=Path(text), n_samples=24, seqlen=64, seed=0)
-        ctx = PassContext(seed=0, progress=False, calibration=calib)
-        start = time.perf_counter()
-        ParallelGPTQ(dctx).run(QuantState(model=model, plan=plan, tokenizer=tok), ctx)
-        if dctx.rank == 0:
-            print(f"calibration seconds: {time.perf_counter() - start:.3f}")
-            with atomic_output_dir(Path(out)) as tmp:
-                export_compressed_tensors(
-                    model, plan, source.path, source.config, tmp, records=ctx.records
-                )
-    finally:
-        dctx.close()
+def _check_layers(got: list[Any], out: Path) -> None:
+    """Write ``ok`` when the received layers equal the sent ones field by field."""
+    for g, want in zip(got, _layers(), strict=True):
+        if want is None:
+            assert g is None
+            continue
+        (q, b, rec), (wq, wb, wrec) = g, want
+        assert q.fmt == wq.fmt
+        for field in ("codes", "scale", "zero_point", "global_scale", "channel_scale"):
+            x, y = getattr(q, field), getattr(wq, field)
+            assert (x is None) == (y is None), field
+            assert x is None or (x.dtype == y.dtype and torch.equal(x, y)), field
+        assert (b is None and wb is None) or torch.equal(b, wb)
+        assert json.dumps(rec) == json.dumps(wrec)
+    out.write_text("ok")
 
 
 def _free_port() -> int:
@@ -168,27 +124,138 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def torchrun(nproc: int, model: Path, text: Path, out: Path, threads: int) -> float:
-    """Run :func:`worker` on ``nproc`` local processes; return the wall time."""
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
-        "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
-        "--master-port", str(_free_port()), str(HERE), str(model), str(text), str(out),
-        str(threads),
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+def _launch(role: str, tmp: Path, world: int = 2, timeout_s: float = 60) -> list[int]:
+    """Start ``world`` plain worker processes (no torchrun agent to kill the others)."""
+    port = str(_free_port())
+    procs = []
+    for rank in range(world):
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_RANK": str(rank),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+            "OMP_NUM_THREADS": "1",
+            "PTQ_TEST_TIMEOUT": str(timeout_s),
+        }
+        out = tmp / f"rank{rank}.out"
+        procs.append(subprocess.Popen([sys.executable, str(HERE), role, str(out)], env=env))
+    return [p.wait(timeout=120) for p in procs]
+
+
+# --------------------------------------------------------------------------- fast tests
+
+
+def test_ordered_hessian_is_the_left_fold_of_batch_partials() -> None:
+    xs = _batches()
+    h = OrderedHessian(K)
+    for x in xs:
+        h.update(x)
+    assert torch.equal(h.hessian(), _fold(xs) * (2.0 / 15))
+    # the test can tell orders apart: summing the shards first gives other bits
+    assert not torch.equal(_fold(xs[:2]) + _fold(xs[2:]), _fold(xs))
+
+
+def test_deferred_shard_continues_the_fold() -> None:
+    xs = _batches()
+    first, second = OrderedHessian(K), OrderedHessian(K, defer=True)
+    for x in xs[:2]:
+        first.update(x)
+    for x in xs[2:]:
+        second.update(x)
+    with pytest.raises(ValueError, match="before the reduction"):
+        second.hessian()
+    assert first._sum is not None
+    second.continue_from(first._sum.clone(), first.nsamples)
+    assert second.nsamples == 15
+    assert torch.equal(second.hessian(), _fold(xs) * (2.0 / 15))
+    with pytest.raises(TypeError, match="batch order"):
+        second.merge(HessianAccumulator(K))
+
+
+def test_runner_accumulates_dense_hessians_in_batch_order() -> None:
+    stats = _new_stats(torch.nn.Linear(K, 3), StatsRequest(hessian=True), 1)
+    assert type(stats.hessian) is OrderedHessian and not stats.hessian.defer
+
+
+def test_broadcast_cases_cover_every_optional_field() -> None:
+    nvfp4, asym, skipped = _layers()
+    assert nvfp4[0].global_scale is not None and asym[0].zero_point is not None
+    assert asym[1] is not None and math.isnan(asym[2]["loss"]) and skipped is None
+
+
+def test_context_shards_contiguously_and_validates() -> None:
+    items = list(range(7))
+    shards = [DistributedContext(rank=r, world=3).shard(items) for r in range(3)]
+    assert shards == [[0, 1], [2, 3], [4, 5, 6]]
+    env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}
+    ctx = DistributedContext.from_env(env, layer_parallel=False)
+    assert (ctx.rank, ctx.world, ctx.is_main) == (1, 2, False)
+    assert [ctx.owner(i) for i in range(3)] == [0, 0, 0]
+    assert [DistributedContext(world=2).owner(i) for i in range(3)] == [0, 1, 0]
+    assert DistributedContext.from_env({}).world == 1
+    with pytest.raises(ValueError, match="rank 2 is not in"):
+        DistributedContext(rank=2, world=2)
+    with pytest.raises(ValueError, match="integers"):
+        DistributedContext.from_env({"WORLD_SIZE": "two"})
+    with pytest.raises(PtqError, match="2 calibration batches cannot"):
+        DistributedContext(rank=0, world=3).shard([1, 2])
+
+
+def test_two_gloo_ranks_reduce_in_global_batch_order(tmp_path: Path) -> None:
+    assert _launch("reduce", tmp_path) == [0, 0]
+    got = torch.load(tmp_path / "rank0.out", weights_only=True)
+    xs = _batches()
+    assert got["n"] == 15
+    assert torch.equal(got["h"], _fold(xs))  # bit for bit the one-process fold
+    rows = torch.cat([x.float() for x in xs])[:MAX_ROWS]  # 6 rows from rank 0, 1 from rank 1
+    assert len(got["rows"]) == 1 and torch.equal(got["rows"][0], rows)
+    assert (tmp_path / "rank0.layers").read_text() == "ok"  # broadcast quantized layers
+
+
+def _failure_message(tmp: Path) -> str:
+    message = (tmp / "rank0.out").read_text()
+    assert message.startswith("rank 0 of 2: the Hessian reduction failed because another rank")
+    return message
+
+
+def test_a_crashed_rank_does_not_hang_the_others(tmp_path: Path) -> None:
+    assert _launch("crash", tmp_path) == [2, 3]  # rank 0 fails at once, not after 60 s
+    assert "did not answer within 60 s" in _failure_message(tmp_path)
+
+
+@pytest.mark.slow  # waits for the 5 s timeout on top of two worker start-ups
+def test_a_silent_rank_times_out(tmp_path: Path) -> None:
+    assert _launch("hang", tmp_path, timeout_s=5) == [2, 0]
+    assert "within 5 s" in _failure_message(tmp_path)
+
+
+# --------------------------------------------------------------------------- torchrun e2e
+
+
+def _cli(*args: str, nproc: int = 0) -> None:
+    """``ptq quantize`` in one process (``nproc=0``) or under torchrun, one thread each
+    (float32 sums in the records depend on the thread count; the weights did not here)."""
+    launch = [sys.executable, "-m", "ptq.cli"]
+    if nproc:
+        launch = [
+            sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+            "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
+            "--master-port", str(_free_port()), "-m", "ptq.cli",
+        ]  # fmt: skip
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [*launch, "quantize", *args], capture_output=True, text=True, env=env, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return time.perf_counter() - start
 
 
-def _digests(folder: Path) -> dict[str, str]:
-    return {
-        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.iterdir())
-        if p.name != "ptq_records.json"
-    }
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    from ptq.io.safetensors_reader import SafetensorsIndex
+
+    index = SafetensorsIndex(folder)
+    return {k: index.get(k) for k in index}
 
 
 def _records(folder: Path) -> dict[str, Any]:
@@ -196,50 +263,27 @@ def _records(folder: Path) -> dict[str, Any]:
     return {n: {k: v for k, v in r.items() if k != "seconds"} for n, r in layers.items()}
 
 
-@pytest.mark.slow  # three torchrun launches of python + transformers: ~90 s on 2 cores
-def test_two_processes_bit_identical_to_one(
+@pytest.mark.slow  # two torchrun launches of python + transformers: ~70 s on 2 cores
+def test_torchrun_two_processes_equal_one_process(
     tiny_llama: Path, text_file: Path, tmp_path: Path
 ) -> None:
-    one, two = tmp_path / "one", tmp_path / "two"
-    torchrun(1, tiny_llama, text_file, one, threads=1)
-    torchrun(2, tiny_llama, text_file, two, threads=1)
-    assert "model.safetensors" in _digests(one)
-    assert _digests(one) == _digests(two)
-    rec_one, rec_two = _records(one), _records(two)
-    assert len(rec_one) == 14
-    assert json.dumps(rec_one, sort_keys=True) == json.dumps(rec_two, sort_keys=True)
-    assert all(math.isfinite(r["rel_output_error"]) for r in rec_one.values())
-
-
-def test_ordered_hessian_single_rank_sums_in_order() -> None:
-    g = torch.Generator().manual_seed(0)
-    xs = [torch.randn(n, 5, generator=g) for n in (3, 4, 2)]
-    h = OrderedHessian(5)
-    for x in xs:
-        h.update(x)
-    with pytest.raises(ValueError, match="before reduce"):
-        h.hessian()
-    h.reduce(DistributedContext(), owner=0)
-    ref = torch.zeros(5, 5, dtype=torch.float64)
-    for x in xs:
-        part = HessianAccumulator(5)
-        part.update(x)
-        assert part._sum is not None
-        ref = ref + part._sum
-    assert h.nsamples == 9
-    assert torch.equal(h.hessian(), ref * (2.0 / 9))
-
-
-def test_context_shards_contiguously_and_validates() -> None:
-    items = list(range(7))
-    shards = [DistributedContext(rank=r, world=3).shard(items) for r in range(3)]
-    assert shards == [[0, 1], [2, 3], [4, 5, 6]]
-    assert DistributedContext.from_env({"RANK": "1", "WORLD_SIZE": "2"}).rank == 1
-    with pytest.raises(ValueError, match="rank 2 is not in"):
-        DistributedContext(rank=2, world=2)
-    with pytest.raises(ValueError, match="2 calibration batches cannot be shared by 3"):
-        DistributedContext(rank=0, world=3).shard([1, 2])
+    common = ["--w4a16", "--method", "gptq", "--calib", str(text_file)]
+    common += ["--calib-samples", "40", "--calib-seqlen", "16", "-q"]
+    one = tmp_path / "one"
+    _cli(str(tiny_llama), *common, "-o", str(one))  # plain `ptq quantize`
+    ref, ref_records = _tensors(one), _records(one)
+    assert len(ref_records) == 14
+    assert all(math.isfinite(r["rel_output_error"]) for r in ref_records.values())
+    for mode in ("layer", "data"):
+        two = tmp_path / mode
+        _cli(str(tiny_llama), *common, "--distributed", mode, "-o", str(two), nproc=2)
+        got = _tensors(two)
+        assert got.keys() == ref.keys()
+        for k in ref:
+            assert got[k].dtype == ref[k].dtype and torch.equal(got[k], ref[k]), (mode, k)
+        assert json.dumps(_records(two), sort_keys=True) == json.dumps(ref_records, sort_keys=True)
+        assert not list(tmp_path.glob(f".{mode}.partial-*"))
 
 
 if __name__ == "__main__":
-    worker(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]))
+    _worker(sys.argv[1], Path(sys.argv[2]))

@@ -1,0 +1,69 @@
+"""A layer Hessian summed in a fixed order, so sharding the batches cannot change its bits.
+
+GPTQ's Hessian ``H = 2 X^T X / n`` (Frantar et al., "GPTQ", 2022, section 3) is a sum
+over calibration forwards ``b = 0..B-1`` of the partials ``P_b = X_b^T X_b`` (float64).
+Floating-point addition is not associative, so the sum is *defined* here as the left
+fold ``S = (((0 + P_0) + P_1) + ...) + P_{B-1}``, each ``P_b`` computed on its own
+(never accumulated inside the matrix product). One process folds each partial as it
+arrives; a rank of a data-parallel job holding batches ``[a, c)`` keeps its partials
+(``defer``) until it receives ``S_{a-1}`` from the rank before it, then continues the
+same fold (:func:`ptq.calibration.distributed.chain_reduce`). Either way the additions
+happen in the same order, so 1, 2 or N processes give the same bits.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ptq.calibration.hessian import HessianAccumulator
+
+
+class OrderedHessian(HessianAccumulator):
+    """``sum_b X_b^T X_b`` as a left fold over forwards, in float64.
+
+    Args:
+        in_features: ``K``, the size of the last input dimension.
+        defer: Keep the partials until :meth:`continue_from` gives the running sum of
+            the batches before this shard (data-parallel ranks); ``hessian()`` refuses
+            until then.
+    """
+
+    def __init__(self, in_features: int, *, defer: bool = False) -> None:
+        super().__init__(in_features, dtype=torch.float64)
+        self.defer = defer
+        self.pending: list[tuple[torch.Tensor, int]] = []
+
+    def update(self, x: torch.Tensor) -> None:
+        """Compute ``P_b = X_b^T X_b`` for one forward's rows and fold (or keep) it."""
+        part = HessianAccumulator(self.in_features, dtype=torch.float64)
+        part.update(x)  # validates shape and finiteness
+        if part._sum is None:
+            return
+        if self.defer:
+            self.pending.append((part._sum, part.nsamples))
+        else:
+            self._fold(part._sum, part.nsamples)
+
+    def _fold(self, partial: torch.Tensor, rows: int) -> None:
+        if self._sum is None:
+            self._sum = torch.zeros_like(partial)
+        self._sum += partial
+        self._count += rows
+
+    def continue_from(self, total: torch.Tensor, count: int) -> None:
+        """Set the running sum to ``total`` (``count`` rows) and fold the kept partials."""
+        self._sum, self._count, self.defer = total, count, False
+        pending, self.pending = self.pending, []
+        for partial, rows in pending:
+            self._fold(partial.to(total.device), rows)
+
+    def merge(self, other: HessianAccumulator) -> None:
+        raise TypeError("OrderedHessian sums in batch order; use continue_from, not merge")
+
+    def hessian(self) -> torch.Tensor:
+        if self.defer:
+            raise ValueError(
+                "OrderedHessian.hessian() on a shard before the reduction gave it the sums "
+                "of the earlier batches"
+            )
+        return super().hessian()
