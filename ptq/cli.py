@@ -17,6 +17,7 @@ import click
 from ptq.errors import PtqError, PtqUsageError
 
 SCHEME_FLAGS = ("w4a16", "w4a8", "w8a8", "fp8", "w8a16")
+SCALE_RULE_NAMES = ("amax", "full-range", "mx", "mx-round-up")
 
 
 def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -66,6 +67,14 @@ def scheme_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         help="Override the weight format (a preset name, see `ptq formats`).",
     )(fn)
     fn = click.option(
+        "--scale-rule",
+        type=click.Choice(SCALE_RULE_NAMES),
+        default=None,
+        help="Weight scale rule: amax (s = amax / q_max) or full-range (s = v* / -2^(b-1), "
+        "v* the signed peak: all 2^b INT levels used, as ONNX Runtime's RTN); default: "
+        "the format's own.",
+    )(fn)
+    fn = click.option(
         "--group-size",
         type=int,
         default=None,
@@ -89,6 +98,7 @@ def build_scheme(
     group_size: int | None,
     act_format: str | None,
     ignore: tuple[str, ...],
+    scale_rule: str | None = None,
 ) -> Any:
     from ptq.scheme import get_activation, get_scheme
 
@@ -109,9 +119,26 @@ def build_scheme(
             kwargs["activation"] = get_activation(act_format)
         if ignore:
             kwargs["ignore"] = ignore
-        return scheme.with_overrides(**kwargs)
+        return with_scale_rule(scheme.with_overrides(**kwargs), scale_rule)
     except ValueError as exc:
         raise PtqUsageError(str(exc)) from None
+
+
+def with_scale_rule(scheme: Any, scale_rule: str | None) -> Any:
+    """``scheme`` with its weight format's ``scale_rule`` replaced (CLI spelling ``a-b``).
+
+    Raises:
+        PtqUsageError: The rule does not fit the weight format (e.g. full-range on FP8).
+    """
+    if scale_rule is None:
+        return scheme
+    from dataclasses import replace
+
+    try:
+        weight = replace(scheme.weight, scale_rule=scale_rule.replace("-", "_"))
+    except ValueError as exc:
+        raise PtqUsageError(f"--scale-rule {scale_rule}: {exc}") from None
+    return scheme.with_overrides(weight=weight)
 
 
 @click.group()
@@ -209,6 +236,16 @@ def main() -> None:
     is_flag=True,
     help="Accept pytorch_model.bin (loaded with weights_only=True, converted once).",
 )
+@click.option(
+    "--distributed",
+    "parallel",
+    type=click.Choice(["layer", "data"]),
+    default="layer",
+    show_default=True,
+    help="Under torchrun (WORLD_SIZE > 1): 'layer' shards the calibration batches and "
+    "spreads each stage's layers over the ranks; 'data' shards the batches only. "
+    "Output is bit-identical to one process; rank 0 writes it. Ignored in one process.",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @_budget_options
 @_friendly
@@ -238,6 +275,7 @@ def quantize(
     bias_correction: bool,
     kv_cache: str | None,
     allow_pickle: bool,
+    parallel: str,
     quiet: bool,
     budget: str | None,
     budget_latency: str | None,
@@ -263,7 +301,11 @@ def quantize(
 
         parsed = load_recipe(recipe)
         has_flags = any(scheme_kw[k] for k in ("scheme_flags", "scheme_name", "weight_format"))
-        scheme = build_scheme(**scheme_kw) if has_flags or parsed.scheme is None else parsed.scheme
+        scheme = (
+            build_scheme(**scheme_kw)
+            if has_flags or parsed.scheme is None
+            else with_scale_rule(parsed.scheme, scheme_kw["scale_rule"])
+        )
         passes = parsed.pipeline.passes
         cal = CalibrationConfig(
             path=Path(parsed.calibration["path"]) if parsed.calibration.get("path") else calib,
@@ -291,6 +333,7 @@ def quantize(
             bias_correction=bias_correction,
             kv_cache=kv_cache,
         )
+    from ptq.calibration.distributed import DistributedContext
     from ptq.models.source import resolve_model
 
     source = resolve_model(model, quiet=quiet, allow_pickle=allow_pickle)
@@ -310,7 +353,10 @@ def quantize(
         low_memory=low_memory,
         restart=restart,
         log=click.echo,
+        distributed=DistributedContext.from_env(layer_parallel=parallel == "layer"),
     )
+    if result.rank != 0:
+        return
     if result.fp_ppl is not None and result.quant_ppl is not None:
         click.echo(
             f"perplexity FP {result.fp_ppl:.4f} -> {scheme.name} {result.quant_ppl:.4f} "

@@ -30,6 +30,8 @@ class GraphBuilder:
     _counts: dict[str, int] = field(default_factory=dict)
     _consts: dict[tuple[str, bytes, tuple[int, ...]], str] = field(default_factory=dict)
     uses_ms_domain: bool = False
+    memo: dict[tuple[str, ...], str] = field(default_factory=dict)
+    """Subgraphs shared by several lowerings (e.g. one input quantization for q/k/v)."""
 
     def fresh(self, hint: str) -> str:
         """A name not used before, derived from ``hint``."""

@@ -1,6 +1,7 @@
 """Click commands ``export`` and ``run`` (wired into ``ptq`` by ``main.add_command``).
 
-``ptq export OUT --onnx [--weight-op matmulnbits|dq] [--accuracy-level 0-4]`` writes
+``ptq export OUT --onnx [--weight-op matmulnbits|dq] [--accuracy-level 0-4]
+[--int8-matmul integer|qdq]`` writes
 ``OUT/model.onnx`` (or ``-o FILE.onnx``); ``ptq run FILE.onnx --prompt "..."`` greedy
 generates with ONNX Runtime on CPU using the KV cache.
 """
@@ -44,6 +45,13 @@ def _fail(exc: PtqError) -> None:
     show_default=True,
     help="MatMulNBits compute type: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8.",
 )
+@click.option(
+    "--int8-matmul",
+    type=click.Choice(["integer", "qdq"]),
+    default="integer",
+    show_default=True,
+    help="W8A8 layers: MatMulInteger on int8 codes (fast) or QDQ + float MatMul (portable).",
+)
 @click.option("--no-kv-cache", is_flag=True, help="Export the plain full-sequence graph.")
 def export_command(
     source: Path,
@@ -51,6 +59,7 @@ def export_command(
     output: Path | None,
     weight_op: str,
     accuracy_level: int,
+    int8_matmul: str,
     no_kv_cache: bool,
 ) -> None:
     """Export a ptq output folder (or an FP model) to ONNX."""
@@ -71,6 +80,7 @@ def export_command(
             weight_op=weight_op,  # type: ignore[arg-type]  # click.Choice guarantees the literal
             accuracy_level=accuracy_level,
             kv_cache=not no_kv_cache,
+            int8_matmul=int8_matmul,  # type: ignore[arg-type]  # click.Choice guarantees it
         )
     except PtqError as exc:
         _fail(exc)

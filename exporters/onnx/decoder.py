@@ -216,6 +216,7 @@ def build_decoder(model: Any, opts: LinearOptions, *, kv_cache: bool = True) -> 
         "ptq.kv_cache": str(int(kv_cache)),
         "ptq.weight_op": opts.weight_op,
         "ptq.accuracy_level": str(opts.accuracy_level),
+        "ptq.int8_matmul": opts.int8_matmul,
     }
     onnx.helper.set_model_props(model_proto, meta)
     return model_proto

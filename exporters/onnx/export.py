@@ -19,7 +19,7 @@ from torch import nn
 
 from ptq.errors import PtqInputError, PtqUsageError
 from ptq.exporters.onnx.decoder import build_decoder
-from ptq.exporters.onnx.linear import LinearOptions, WeightOp
+from ptq.exporters.onnx.linear import Int8Matmul, LinearOptions, WeightOp
 
 EXTERNAL_DATA_BYTES = 1_800_000_000
 TOKENIZER_FILES = (
@@ -98,6 +98,7 @@ def export_onnx(
     weight_op: WeightOp = "matmulnbits",
     accuracy_level: int = 4,
     kv_cache: bool = True,
+    int8_matmul: Int8Matmul = "integer",
 ) -> Path:
     """Export a decoder LM to ONNX and return the ``.onnx`` file written.
 
@@ -108,13 +109,17 @@ def export_onnx(
         weight_op: ``matmulnbits`` or ``dq`` for weight-only integer layers.
         accuracy_level: ``MatMulNBits`` compute type (4 = int8 activations, fastest).
         kv_cache: Export ``past_key_values``/``present`` inputs and outputs.
+        int8_matmul: W8A8 layers as ``integer`` (``MatMulInteger``, fast in ORT) or
+            ``qdq`` (QuantizeLinear/DequantizeLinear + ``MatMul``, portable).
 
     Raises:
         PtqUsageError: Bad options or an unsupported architecture/format.
         PtqInputError: The source cannot be loaded.
     """
     try:
-        opts = LinearOptions(weight_op=weight_op, accuracy_level=accuracy_level)
+        opts = LinearOptions(
+            weight_op=weight_op, accuracy_level=accuracy_level, int8_matmul=int8_matmul
+        )
     except ValueError as exc:
         raise PtqUsageError(str(exc)) from None
     source_dir: Path | None = None

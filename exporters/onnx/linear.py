@@ -5,11 +5,13 @@
 * FP: ``MatMul(x, W^T)``.
 * Weight-only INT: ``MatMulNBits`` (or ``DequantizeLinear`` + ``MatMul``), see
   :mod:`ptq.exporters.onnx.weights`.
-* W8A8 INT8 / FP8: ``x`` is flattened to ``[M, K]`` and quantized per token with
-  ``s_t = max(|x_t|) / q_max`` (``1`` where that is 0), ``QuantizeLinear`` /
-  ``DequantizeLinear`` with ``axis = 0`` (round half to even, saturating: the
-  emulation's grid), then ``MatMul`` with the dequantized weight. A static per-tensor
-  scale uses the calibrated ``input_scale`` instead.
+* W8A8 INT8 with per-channel (or per-tensor) INT weights: ``MatMulInteger`` on 8-bit
+  codes with per-token scales applied to the int32 result
+  (:mod:`ptq.exporters.onnx.int8_matmul`; ``int8_matmul="integer"``, the default).
+* Other activation-quantized layers (FP8, group-wise weights, or
+  ``int8_matmul="qdq"``): ``x`` is flattened to ``[M, K]``, quantize-dequantized per
+  token (:mod:`ptq.exporters.onnx.act_quant`), then ``MatMul`` with the dequantized
+  weight (portable QDQ; ORT does not fuse it for per-token scales, so it is slow).
 * LoRC (ZeroQuant-V2): two extra ``MatMul`` on the unquantized input, added to ``y``.
 """
 
@@ -22,14 +24,17 @@ import numpy as np
 from onnx import TensorProto
 from torch import nn
 
+from ptq.exporters.onnx.act_quant import emit_activation_qdq, restore_shape
 from ptq.exporters.onnx.builder import MS_DOMAIN, GraphBuilder
-from ptq.exporters.onnx.weights import FP8_TYPES, to_dequantize_linear, to_matmulnbits
-from ptq.formats import FloatFormat, IntFormat
+from ptq.exporters.onnx.int8_matmul import emit_int8_matmul, integer_eligible
+from ptq.exporters.onnx.weights import to_dequantize_linear, to_matmulnbits
+from ptq.formats import IntFormat
 from ptq.qlinear import QuantLinear
-from ptq.scheme import ActivationScheme
 
 WeightOp = Literal["matmulnbits", "dq"]
 WEIGHT_OPS: tuple[WeightOp, ...] = ("matmulnbits", "dq")
+Int8Matmul = Literal["integer", "qdq"]
+INT8_MATMULS: tuple[Int8Matmul, ...] = ("integer", "qdq")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,66 +46,22 @@ class LinearOptions:
             opset-21 blocked ``DequantizeLinear``) for weight-only integer layers.
         accuracy_level: ``MatMulNBits`` compute type: 0 unset, 1 fp32, 2 fp16, 3 bf16,
             4 int8 activations (quantized per block by the runtime; fastest on CPU).
+        int8_matmul: INT8-activation layers with per-channel INT weights: ``integer``
+            (``MatMulInteger``, fast) or ``qdq`` (QuantizeLinear/DequantizeLinear +
+            float ``MatMul``, portable but slow in ORT).
     """
 
     weight_op: WeightOp = "matmulnbits"
     accuracy_level: int = 4
+    int8_matmul: Int8Matmul = "integer"
 
     def __post_init__(self) -> None:
         if self.weight_op not in WEIGHT_OPS:
             raise ValueError(f"unknown weight_op {self.weight_op!r}; valid: {WEIGHT_OPS}")
+        if self.int8_matmul not in INT8_MATMULS:
+            raise ValueError(f"unknown int8_matmul {self.int8_matmul!r}; valid: {INT8_MATMULS}")
         if self.accuracy_level not in range(5):
             raise ValueError(f"accuracy_level must be 0-4, got {self.accuracy_level}")
-
-
-def _act_type(act: ActivationScheme, layer: str) -> int:
-    el = act.element
-    if isinstance(el, IntFormat) and el.bits == 8:
-        return TensorProto.INT8 if el.signed else TensorProto.UINT8
-    if isinstance(el, FloatFormat) and el.name in FP8_TYPES:
-        return FP8_TYPES[el.name]
-    raise ValueError(f"{layer}: activation element {el.name} has no ONNX QuantizeLinear type")
-
-
-def emit_activation_quant(
-    b: GraphBuilder, x: str, act: ActivationScheme, input_scale: np.ndarray | None, layer: str
-) -> str:
-    """Quantize-dequantize ``x`` [..., K] as the emulation does; returns ``[M, K]``."""
-    if not act.symmetric:
-        raise ValueError(f"{layer}: asymmetric activations are not exported to ONNX yet")
-    qtype = _act_type(act, layer)
-    shape = b.op("Shape", [x], name=f"{layer}/act_shape")
-    last = b.op("Slice", [shape, b.const([-1]), b.const([2**62])], name=f"{layer}/act_k")
-    x2 = b.op("Reshape", [x, b.op("Concat", [b.const([-1]), last], axis=0)], name=f"{layer}/act_2d")
-    qmax = np.float32(act.element.max_value)
-    if not act.dynamic:
-        if input_scale is None:
-            raise ValueError(f"{layer}: static activation quantization has no input_scale")
-        scale = b.initializer(f"{layer}.input_scale", np.float32(input_scale.reshape(())))
-        axis_attrs: dict[str, Any] = {}
-    else:
-        absx = b.op("Abs", [x2], name=f"{layer}/act_abs")
-        if act.granularity == "token":
-            amax = b.op("ReduceMax", [absx, b.const([1])], keepdims=0, name=f"{layer}/act_amax")
-            axis_attrs = {"axis": 0}
-        else:
-            amax = b.op("ReduceMax", [absx], keepdims=0, name=f"{layer}/act_amax")
-            axis_attrs = {}
-        raw = b.op("Div", [amax, b.const(qmax, np.float32)], name=f"{layer}/act_scale_raw")
-        pos = b.op("Greater", [raw, b.const(0.0, np.float32)], name=f"{layer}/act_pos")
-        scale = b.op("Where", [pos, raw, b.const(1.0, np.float32)], name=f"{layer}/act_scale")
-    q_attrs: dict[str, Any] = {**axis_attrs, "output_dtype": qtype}
-    if qtype in FP8_TYPES.values():
-        q_attrs["saturate"] = 1
-    xq = b.op("QuantizeLinear", [x2, scale], name=f"{layer}/act_q", **q_attrs)
-    return b.op("DequantizeLinear", [xq, scale], name=f"{layer}/act_dq", **axis_attrs)
-
-
-def _restore_shape(b: GraphBuilder, y2: str, x: str, n: int, layer: str) -> str:
-    shape = b.op("Shape", [x], name=f"{layer}/in_shape")
-    lead = b.op("Slice", [shape, b.const([0]), b.const([-1])], name=f"{layer}/lead")
-    out_shape = b.op("Concat", [lead, b.const([n])], axis=0, name=f"{layer}/out_shape")
-    return b.op("Reshape", [y2, out_shape], name=f"{layer}/unflat")
 
 
 def _emit_dq_weight(b: GraphBuilder, m: QuantLinear, layer: str) -> str:
@@ -134,6 +95,10 @@ def emit_linear(b: GraphBuilder, x: str, module: Any, layer: str, opts: LinearOp
     Raises:
         ValueError: The module or its format has no ONNX lowering (names the layer).
     """
+    # ORT 1.32 fuses MatMulInteger -> Cast -> Mul -> Add(bias) into MatMulIntegerToFloat
+    # and then adds the bias wrongly when the activation scale is per token (off by up to
+    # |bias|); Sum is the same addition and is left alone by that fusion.
+    add = "Sum" if _integer_path(module, opts) else "Add"
     if isinstance(module, QuantLinear):
         y = _emit_quant(b, x, module, layer, opts)
         if module.lorc_u is not None and module.lorc_v is not None:
@@ -141,7 +106,7 @@ def emit_linear(b: GraphBuilder, x: str, module: Any, layer: str, opts: LinearOp
             u_t = module.lorc_u.detach().float().numpy().T
             h = b.op("MatMul", [x, b.initializer(f"{layer}.lorc_v_t", v_t)], name=f"{layer}/lorc_v")
             c = b.op("MatMul", [h, b.initializer(f"{layer}.lorc_u_t", u_t)], name=f"{layer}/lorc_u")
-            y = b.op("Add", [y, c], name=f"{layer}/lorc_add")
+            y = b.op(add, [y, c], name=f"{layer}/lorc_add")
     elif isinstance(module, nn.Linear):
         w_t = module.weight.detach().float().numpy().T
         y = b.op("MatMul", [x, b.initializer(f"{layer}.weight_t", w_t)], name=f"{layer}/matmul")
@@ -149,8 +114,16 @@ def emit_linear(b: GraphBuilder, x: str, module: Any, layer: str, opts: LinearOp
         raise ValueError(f"{layer}: {type(module).__name__} is not a Linear; cannot export")
     if module.bias is not None and not _bias_fused(module, opts):
         bias = b.initializer(f"{layer}.bias", module.bias.detach().float().numpy())
-        y = b.op("Add", [y, bias], name=f"{layer}/bias")
+        y = b.op(add, [y, bias], name=f"{layer}/bias")
     return y
+
+
+def _integer_path(module: Any, opts: LinearOptions) -> bool:
+    return (
+        isinstance(module, QuantLinear)
+        and opts.int8_matmul == "integer"
+        and integer_eligible(module)
+    )
 
 
 def _bias_fused(module: Any, opts: LinearOptions) -> bool:
@@ -189,11 +162,13 @@ def _emit_quant(b: GraphBuilder, x: str, m: QuantLinear, layer: str, opts: Linea
             block_size=w.block_size,
             accuracy_level=opts.accuracy_level,
         )
+    if _integer_path(m, opts):
+        return emit_int8_matmul(b, x, m, layer)
     weight = _emit_dq_weight(b, m, layer)
     if m.activation is None:
         return b.op("MatMul", [x, weight], name=f"{layer}/matmul")
     static: Any = m.input_scale
     scale = None if static is None else static.detach().float().numpy()
-    xq = emit_activation_quant(b, x, m.activation, scale, layer)
+    xq = emit_activation_qdq(b, x, m.activation, scale, layer)
     y2 = b.op("MatMul", [xq, weight], name=f"{layer}/matmul")
-    return _restore_shape(b, y2, x, m.out_features, layer)
+    return restore_shape(b, y2, x, m.out_features, layer)

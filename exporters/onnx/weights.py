@@ -19,6 +19,10 @@ weight's granularity, per channel ``c = K``, per tensor ``r = N, c = K``):
 * FP8 (E4M3/E5M2) weights always use ``DequantizeLinear`` from ``float8e4m3fn`` /
   ``float8e5m2`` (opset 19+), the same bytes as ptq's codes.
 
+Scales are written with their sign: the ``full_range`` rule (``s = v* / -2^(b-1)``, ONNX
+Runtime's own symmetric RTN rule) gives negative scales, which both ops apply as
+``(u - z) * s`` like any other.
+
 Anything else (FP4/FP6, MX, NVFP4, 2-D blocks whose rows are not one row) is refused with
 an error naming the layer.
 """

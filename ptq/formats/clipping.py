@@ -37,7 +37,8 @@ def mse_clipped_amax(
     Args:
         xb: Blocked finite fp32 input.
         fmt: Symmetric format (its scale rule and encoding are applied to each candidate).
-        amax: Per-block ``amax(|B|)``, shape ``[R/r, C/c]``.
+        amax: Per-block ``amax(|B|)``, shape ``[R/r, C/c]`` (for the ``full_range`` rule
+            the signed peak ``v*``; candidates ``r_i v*`` keep its sign).
         gs: NVFP4 global scale, if any.
         grid: Number of candidate ratios.
         min_ratio: Smallest ratio tried.

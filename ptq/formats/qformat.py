@@ -17,9 +17,10 @@ from ptq.formats.granularity import Granularity, PerChannel, PerGroup
 from ptq.formats.rounding import NONFINITE_POLICIES, NonFinitePolicy
 from ptq.formats.scales import SCALE_FORMATS, ScaleFormat
 
-ScaleRule = Literal["amax", "mx", "mx_round_up"]
+ScaleRule = Literal["amax", "mx", "mx_round_up", "full_range"]
 ClipSearch = Literal["none", "mse"]
-SCALE_RULES: tuple[ScaleRule, ...] = ("amax", "mx", "mx_round_up")
+SCALE_RULES: tuple[ScaleRule, ...] = ("amax", "mx", "mx_round_up", "full_range")
+FULL_RANGE_SCALES = ("fp32", "fp16", "bf16")
 CLIP_SEARCHES: tuple[ClipSearch, ...] = ("none", "mse")
 
 
@@ -35,7 +36,11 @@ class QuantFormat:
         scale_rule: ``amax`` (``s = amax / q_max``; rounded up for power-of-two scale
             formats so nothing clips) or the OCP MX shared-exponent rule
             ``2^(floor(log2 amax) - emax_elem)`` (``mx``; ``mx_round_up`` takes the
-            smallest power of two with ``amax <= q_max * s`` so no element clips).
+            smallest power of two with ``amax <= q_max * s`` so no element clips), or
+            ``full_range`` (signed integers: ``s = v* / -2^(b-1)`` with ``v*`` the block's
+            element of largest magnitude, signed, so ``v*`` lands exactly on code
+            ``-2^(b-1)`` and all ``2^b`` codes are used; ``s`` may be negative; ONNX
+            Runtime's symmetric RTN rule).
         global_scale: Add an fp32 per-tensor second level (NVFP4):
             ``x^ = q * (t_B / g)``.
         clip: ``mse`` searches the clip ratio per block minimising squared error.
@@ -74,7 +79,9 @@ class QuantFormat:
             raise ValueError("asymmetric (zero-point) quantization needs an integer element")
         if not self.symmetric and (self.global_scale or self.channel_scale or self.clip != "none"):
             raise ValueError("asymmetric quantization supports neither second levels nor clip")
-        if self.scale_rule != "amax" and self.scale_format not in ("e8m0", "pow2"):
+        if self.scale_rule == "full_range":
+            self._check_full_range()
+        elif self.scale_rule != "amax" and self.scale_format not in ("e8m0", "pow2"):
             raise ValueError(f"scale rule {self.scale_rule!r} needs an e8m0 or pow2 scale")
         if self.channel_scale and (
             not isinstance(self.granularity, PerGroup) or self.scale_format != "pow2"
@@ -88,6 +95,24 @@ class QuantFormat:
             raise ValueError(
                 f"nonfinite='propagate' needs an element with a NaN code; {self.element.name} "
                 "has none (use nonfinite='raise')"
+            )
+
+    def _check_full_range(self) -> None:
+        el = self.element
+        if not (isinstance(el, IntFormat) and el.signed and not el.restricted):
+            raise ValueError(
+                f"scale rule 'full_range' needs a signed, unrestricted integer element "
+                f"(it maps onto code -2^(b-1)), not {el.name}"
+            )
+        if not self.symmetric or self.global_scale or self.channel_scale:
+            raise ValueError(
+                "scale rule 'full_range' is a symmetric single-level rule (no zero point, "
+                "global_scale or channel_scale)"
+            )
+        if self.scale_format not in FULL_RANGE_SCALES:
+            raise ValueError(
+                f"scale rule 'full_range' stores signed scales: use one of "
+                f"{', '.join(FULL_RANGE_SCALES)}, not {self.scale_format!r}"
             )
 
     def with_granularity(self, granularity: Granularity) -> QuantFormat:

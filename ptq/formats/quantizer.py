@@ -22,7 +22,12 @@ from ptq.formats.granularity import PerChannel, PerTensor
 from ptq.formats.minifloat import decode_float, encode_float, round_finite, round_to_float_grid
 from ptq.formats.qformat import ClipSearch, QTensor, QuantFormat, ScaleRule
 from ptq.formats.rounding import RoundingMode, check_finite, round_to_integer
-from ptq.formats.scale_rules import div_scalar, symmetric_scales, tensor_global_scale
+from ptq.formats.scale_rules import (
+    div_scalar,
+    signed_peak,
+    symmetric_scales,
+    tensor_global_scale,
+)
 from ptq.formats.scales import encode_scale
 
 __all__ = [
@@ -129,7 +134,7 @@ def _quantize_values(
         q = torch.clamp(round_to_integer(y, rounding, generator), el.qmin, el.qmax) + 0.0
         zp_codes = zp.to(int_code_dtype(el))
         return q, QTensor(q, scale, fmt, zero_point=zp_codes)
-    amax = sb.abs().amax(dim=(1, 3))
+    amax = signed_peak(sb) if fmt.scale_rule == "full_range" else sb.abs().amax(dim=(1, 3))
     if fmt.clip == "mse":
         amax = mse_clipped_amax(sb, fmt, amax, gs)
     stored, eff, cs = symmetric_scales(amax, fmt, gs)

@@ -9,6 +9,12 @@ For a block ``B`` with ``a = amax(B)`` and element maximum ``q_max``:
   ``a`` (no clipping), as some later MX work does.
 * NVFP4 (two levels): ``g = q_max * 448 / amax(W)``, ``t_B = e4m3(a / q_max * g)``,
   effective ``t_B / g`` (compressed-tensors' op order).
+* ``full_range`` (signed integers of ``b`` bits): with ``v*`` the element of largest
+  magnitude, signed (the negative one on a tie), ``s = v* / -2^(b-1)`` so that ``v*``
+  decodes exactly from code ``-2^(b-1)`` and all ``2^b`` codes are in use (the element
+  ``-v*`` saturates to ``2^(b-1) - 1``). ``s`` is negative when ``v* > 0``; plain float
+  encodings keep the sign (``|s|`` rounded, sign restored). This is ONNX Runtime's
+  symmetric block quantizer (``MatMulNBitsQuantizer`` RTN).
 * ZeroQuant-FP M2 (Wu et al., "ZeroQuant-FP", 2023): ``c_r = amax(row) / q_max`` real,
   ``f_rg`` the smallest power of two with ``a_rg <= q_max * f_rg * c_r``; effective
   ``f_rg * c_r``. M1 is plain ``pow2`` per-channel scales.
@@ -57,6 +63,27 @@ def _pow2_factor(a: torch.Tensor, row: torch.Tensor, qmax: float) -> torch.Tenso
     return torch.ldexp(one, torch.clamp(k, -E8M0_BIAS, E8M0_BIAS))
 
 
+def signed_peak(xb: torch.Tensor) -> torch.Tensor:
+    """Per block of ``xb`` [R/r, r, C/c, c] the element of largest magnitude, signed.
+
+    ``v* = max`` if ``max > -min`` else ``min``: on a tie the negative element wins.
+    """
+    lo = xb.amin(dim=(1, 3))
+    hi = xb.amax(dim=(1, 3))
+    return torch.where(hi > -lo, hi, lo)
+
+
+def full_range_scales(peak: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
+    """``s = v* / -2^(b-1)`` per block from signed peaks ``v*`` (1 for all-zero blocks).
+
+    Dividing by a power of two is exact (barring underflow) on every device; the
+    magnitude is rounded onto ``fmt.scale_format`` and the sign kept.
+    """
+    s = peak.float() / float(-(2 ** (fmt.element.bits - 1)))
+    s = torch.where(s != 0, s, torch.ones_like(s))
+    return torch.copysign(encode_scale(s.abs(), fmt.scale_format), s)
+
+
 def tensor_global_scale(x: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
     """NVFP4's per-tensor ``g = q_max * scale_max / amax(x)`` (fp32, shape [1])."""
     amax = x.abs().amax().float().clamp(min=torch.finfo(torch.float32).tiny)
@@ -69,6 +96,8 @@ def symmetric_scales(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Per-block scales from per-block ``amax`` ``[R/r, C/c]``.
 
+    For the ``full_range`` rule ``amax`` is the signed peak (:func:`signed_peak`).
+
     Returns:
         ``(stored, effective, channel_scale)``: the stored scale values (what
         ``QTensor.scale`` holds), the multiplier used for ``x / s`` and ``q * s``, and
@@ -76,6 +105,9 @@ def symmetric_scales(
     """
     qmax = fmt.element.max_value
     amax = amax.float()
+    if fmt.scale_rule == "full_range":  # ``amax`` holds the signed peaks here
+        s = full_range_scales(amax, fmt)
+        return s, s, None
     if fmt.scale_rule == "mx":
         e = pow2_exponent(amax, round_up=False) - element_emax(fmt.element)
         s = torch.ldexp(torch.ones_like(amax), torch.clamp(e, -E8M0_BIAS, E8M0_BIAS))

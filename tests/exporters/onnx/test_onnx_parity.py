@@ -5,6 +5,10 @@ ORT's DQ->MatMulNBits fusion pinned to level 0) the graph computes the emulation
 numbers up to fp32 summation order: max |diff| <= 1e-4 on logits of size ~1. With
 ``accuracy_level=4`` ORT quantizes activations to int8 per block inside MatMulNBits
 (not part of the emulation), so the bound is 5e-2 and top-1 must still agree fully.
+W8A8 (``MatMulInteger`` by default, or QDQ) has no such runtime quantization: both
+forms must meet 1e-4 (integer sums are exact; only the fp32 rescaling order differs).
+Schemes cover the ``full_range`` scale rule (negative scales) and GPTQ (act-order,
+static groups) weights.
 """
 
 from __future__ import annotations
@@ -19,21 +23,50 @@ import pytest
 import torch
 from torch import nn
 
-from ptq.api import quantize
+from ptq.api import CalibrationConfig, quantize
 from ptq.exporters.onnx import export_onnx
 from ptq.exporters.onnx.runtime import forward, make_session
+from ptq.formats import INT4, INT8, PerChannel, PerGroup, QuantFormat
+from ptq.passes.gptq import GPTQPass
 from ptq.qlinear import QuantLinear
 from ptq.scheme import Scheme, get_scheme
 
 EXACT_TOL = 1e-4
 INT8_ACT_TOL = 5e-2
-SCHEMES = ["w4a16", "w8a16", "w8a8", "fp8", "lorc"]
+SCHEMES = [
+    "w4a16",
+    "w8a16",
+    "w8a8",
+    "fp8",
+    "lorc",
+    "w4a16_full_range",
+    "w8a8_full_range",
+    "gptq",
+    "gptq_full_range",
+]
+FULL_RANGE_G64 = QuantFormat(INT4, PerGroup(64), scale_format="fp16", scale_rule="full_range")
 
 
-@functools.lru_cache(maxsize=8)
+def _scheme(scheme: str) -> Scheme:
+    if scheme in ("w4a16_full_range", "gptq_full_range"):
+        return get_scheme("w4a16").with_overrides(weight=FULL_RANGE_G64)
+    if scheme == "w8a8_full_range":
+        fmt = QuantFormat(INT8, PerChannel(), scale_rule="full_range")
+        return get_scheme("w8a8").with_overrides(weight=fmt)
+    return get_scheme({"lorc": "w4a16", "gptq": "w4a16"}.get(scheme, scheme))
+
+
+@functools.lru_cache(maxsize=12)
 def _model(tiny_llama: Path, scheme: str) -> Any:
-    name = "w4a16" if scheme == "lorc" else scheme
-    model: Any = quantize(tiny_llama, get_scheme(name), progress=False, log=lambda *_: None).model
+    pipeline = [GPTQPass()] if scheme.startswith("gptq") else None
+    model: Any = quantize(
+        tiny_llama,
+        _scheme(scheme),
+        pipeline=pipeline,
+        calibration=CalibrationConfig(samples=6, seqlen=32),
+        progress=False,
+        log=lambda *_: None,
+    ).model
     if scheme == "lorc":
         layer = model.model.layers[0].mlp.down_proj
         assert isinstance(layer, QuantLinear)
@@ -71,6 +104,10 @@ def test_ort_matches_emulation(
     dq = export_onnx(model, tmp_path / "dq.onnx", weight_op="dq")
     diff, top1 = _compare(model, make_session(dq, dq_accuracy_level=0), ids)
     assert diff <= EXACT_TOL and top1 == 1.0, (diff, top1)
+    if "w8a8" in scheme:
+        qdq = export_onnx(model, tmp_path / "qdq.onnx", int8_matmul="qdq")
+        diff, top1 = _compare(model, make_session(qdq), ids)
+        assert diff <= EXACT_TOL and top1 == 1.0, (diff, top1)
 
 
 def test_graph_ops_per_scheme(tiny_llama: Path, tmp_path: Path) -> None:
@@ -86,7 +123,18 @@ def test_graph_ops_per_scheme(tiny_llama: Path, tmp_path: Path) -> None:
     w4dq = ops("w4a16", weight_op="dq")
     assert "MatMulNBits" not in w4dq and "DequantizeLinear" in w4dq
     w8a8 = ops("w8a8")
-    assert {"QuantizeLinear", "DequantizeLinear", "ReduceMax"} <= w8a8
+    assert {"QuantizeLinear", "MatMulInteger", "ReduceMax"} <= w8a8
+    assert "DequantizeLinear" not in w8a8
+    w8a8_qdq = ops("w8a8", int8_matmul="qdq")
+    assert {"QuantizeLinear", "DequantizeLinear", "ReduceMax"} <= w8a8_qdq
+    assert "MatMulInteger" not in w8a8_qdq
+    model = onnx.load(str(tmp_path / "w8a8.onnx"))
+    count = {
+        t: sum(n.op_type == t for n in model.graph.node)
+        for t in ("MatMulInteger", "QuantizeLinear")
+    }
+    # 14 linears; q/k/v and gate/up share their input's quantization: 4 per block
+    assert count == {"MatMulInteger": 14, "QuantizeLinear": 8}
     model = onnx.load(str(tmp_path / "w4a16.onnx"))
     nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
     assert len(nbits) == 14
