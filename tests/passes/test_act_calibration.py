@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from ptq.formats import INT8, PerChannel, QuantFormat
 from ptq.passes.act_calibration import (
@@ -26,21 +28,8 @@ STATIC = Scheme(
 )
 
 
-def _tiny() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=320,
-        hidden_size=64,
-        intermediate_size=192,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return LlamaForCausalLM(cfg).float().eval()
-
-
-def test_minmax_scales_match_observed_absmax() -> None:
-    model = _tiny()
+def test_minmax_scales_match_observed_absmax(tiny_lm: Callable[[], LlamaForCausalLM]) -> None:
+    model = tiny_lm()
     cal = torch.randint(0, 320, (6, 24), generator=torch.Generator().manual_seed(0))
     plan = build_plan(model, STATIC)
     state = QuantState(model=model, plan=plan)
@@ -65,12 +54,12 @@ def test_minmax_scales_match_observed_absmax() -> None:
     assert len(ctx.records["act_calibration"]["input_scale"]) == len(acts)
 
 
-def test_percentile_is_at_most_minmax() -> None:
+def test_percentile_is_at_most_minmax(tiny_lm: Callable[[], LlamaForCausalLM]) -> None:
     x = torch.randn(4000)
     x[0] = 100.0
     assert percentile_absmax(x, 99.0) < x.abs().max()
     assert percentile_absmax(x, 100.0) == x.abs().max()
-    model = _tiny()
+    model = tiny_lm()
     cal = torch.randint(0, 320, (4, 16))
     plan = build_plan(model, STATIC)
     state = QuantState(model=model, plan=plan)
@@ -86,8 +75,8 @@ def test_percentile_is_at_most_minmax() -> None:
         assert m.input_scale is not None and pct[n] <= float(m.input_scale)
 
 
-def test_contract_and_config_errors() -> None:
-    model = _tiny()
+def test_contract_and_config_errors(tiny_lm: Callable[[], LlamaForCausalLM]) -> None:
+    model = tiny_lm()
     plan = build_plan(model, STATIC)
     with pytest.raises(PassContractError, match="weights_quantized"):
         Pipeline([ActCalibrationPass()]).run(

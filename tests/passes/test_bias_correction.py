@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from ptq.formats import INT4, PerChannel, QuantFormat
 from ptq.passes._groups import tensor_attr
@@ -15,21 +17,8 @@ from ptq.qlinear import QuantLinear
 from ptq.scheme import ACTIVATION_FORMATS, Scheme
 
 
-def _tiny() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=320,
-        hidden_size=64,
-        intermediate_size=192,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return LlamaForCausalLM(cfg).float().eval()
-
-
-def test_mean_output_error_decreases() -> None:
-    model = _tiny()
+def test_mean_output_error_decreases(tiny_lm: Callable[[], LlamaForCausalLM]) -> None:
+    model = tiny_lm()
     cal = torch.randint(0, 320, (8, 32), generator=torch.Generator().manual_seed(0))
     scheme = Scheme(
         name="w4a8_int",
@@ -44,7 +33,7 @@ def test_mean_output_error_decreases() -> None:
     Pipeline([RTNPass()]).run(QuantState(model=model, plan=plan), ctx)
     before = output_bias_shift(model, fp_w, fp_b, cal)
 
-    corrected = _tiny()
+    corrected = tiny_lm()
     state = QuantState(model=corrected, plan=plan)
     ctx2 = PassContext(calibration=cal, progress=False)
     Pipeline([BiasCorrectionPass(RTNPass())]).run(state, ctx2)
@@ -59,8 +48,8 @@ def test_mean_output_error_decreases() -> None:
     assert isinstance(q, QuantLinear) and q.bias is not None  # created where absent
 
 
-def test_weight_only_layers_are_left_alone() -> None:
-    model = _tiny()
+def test_weight_only_layers_are_left_alone(tiny_lm: Callable[[], LlamaForCausalLM]) -> None:
+    model = tiny_lm()
     cal = torch.randint(0, 320, (2, 16))
     plan = build_plan(model, Scheme(name="w4a16", weight=QuantFormat(INT4, PerChannel())))
     Pipeline([BiasCorrectionPass(RTNPass())]).run(

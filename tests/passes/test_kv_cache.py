@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from ptq.passes.kv_cache import (
     KVCacheConfig,
@@ -19,19 +21,6 @@ from ptq.plan import build_plan
 from ptq.scheme import get_scheme
 
 
-def _tiny() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=320,
-        hidden_size=64,
-        intermediate_size=192,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return LlamaForCausalLM(cfg).float().eval()
-
-
 def test_rope_pair_bound_covers_any_rotation() -> None:
     k = torch.randn(100, 2 * 16)  # two heads of dim 16
     bound = rope_pair_absmax(k, 16)
@@ -44,8 +33,10 @@ def test_rope_pair_bound_covers_any_rotation() -> None:
 
 
 @pytest.mark.parametrize("dtype", ["fp8_e4m3", "int8"])
-def test_scales_exported_and_outputs_on_grid(dtype: KVDtype) -> None:
-    model = _tiny()
+def test_scales_exported_and_outputs_on_grid(
+    dtype: KVDtype, tiny_lm: Callable[[], LlamaForCausalLM]
+) -> None:
+    model = tiny_lm()
     cal = torch.randint(0, 320, (4, 24), generator=torch.Generator().manual_seed(0))
     plan = build_plan(model, get_scheme("w8a8"))
     ctx = PassContext(calibration=cal, progress=False)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from ptq.formats import INT4, PerGroup, QuantFormat, quantize
 from ptq.passes.lorc import FactorFormat, LoRCConfig, LoRCPass, apply_lorc, lorc_factors
@@ -46,21 +47,8 @@ def test_output_error_strictly_decreases_with_rank(fmt: FactorFormat, act: str |
     assert all(b < a for a, b in itertools.pairwise(errors)), errors
 
 
-def _tiny() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=320,
-        hidden_size=64,
-        intermediate_size=192,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return LlamaForCausalLM(cfg).float().eval()
-
-
-def test_lorc_pass_wraps_weight_pass() -> None:
-    model, plain = _tiny(), _tiny()
+def test_lorc_pass_wraps_weight_pass(tiny_lm: Callable[[], LlamaForCausalLM]) -> None:
+    model, plain = tiny_lm(), tiny_lm()
     ids = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = model(input_ids=ids).logits
