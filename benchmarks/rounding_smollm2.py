@@ -10,6 +10,8 @@ a subprocess with the peer venv (``benchmarks/peers/llmc_quantize.py``) on the *
 token ids; their checkpoints are reloaded here (``CompressedTensorsConfig(
 run_compressed=False)``, fp32) and evaluated with the same function. Wall time is of the
 quantization step only: our ``Pipeline.run`` vs llm-compressor's ``oneshot``.
+"+ MSE clip" rows search each group's clip ratio for the least squared weight error
+(``QuantFormat(clip="mse")``); for GPTQ that fixes the static scales before the sweep.
 
 Usage::
 
@@ -25,6 +27,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -56,6 +59,29 @@ OURS: dict[str, Callable[[], Pass]] = {
     "GPTQ act-order": GPTQPass,  # ptq's default: act-order with static groups
     "AdaRound": AdaRoundPass,
     "AdaQuant": AdaQuantPass,
+    "RTN + MSE clip": RTNPass,
+    "GPTQ act-order + MSE clip": GPTQPass,
+    "RTN full-range": RTNPass,
+    "GPTQ act-order full-range": GPTQPass,
+}
+
+
+# Methods that change the format's scale choice (RTN and GPTQ's static scales): the clip
+# ratio searched per group for the least squared error (``clip="mse"``), or the INT
+# full-range rule ``s = v* / -2^(b-1)`` (all 2^b levels used; INT formats only).
+def _mse_clip(fmt: QuantFormat) -> QuantFormat:
+    return replace(fmt, clip="mse")
+
+
+def _full_range(fmt: QuantFormat) -> QuantFormat:
+    return replace(fmt, scale_rule="full_range")
+
+
+FORMAT_CHANGES: dict[str, Callable[[QuantFormat], QuantFormat]] = {
+    "RTN + MSE clip": _mse_clip,
+    "GPTQ act-order + MSE clip": _mse_clip,
+    "RTN full-range": _full_range,
+    "GPTQ act-order full-range": _full_range,
 }
 PEERS = {"llm-compressor GPTQ": "gptq", "llm-compressor RTN": "rtn"}
 
@@ -95,8 +121,8 @@ def write(rows: list[dict[str, object]], fp_ppl: float, out: Path, header: str) 
         "",
         f"FP perplexity: **{fp_ppl:.3f}**",
         "",
-        "| format | method | ppl | vs FP | vs llm-compressor GPTQ | quant. seconds | note |",
-        "|---|---|---|---|---|---|---|",
+        "| format | method | ppl | vs FP | vs llm-compressor GPTQ | quant. seconds | threads | note |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     ref = {r["format"]: r["ppl"] for r in rows if r["method"] == "llm-compressor GPTQ"}
     for r in rows:
@@ -105,7 +131,7 @@ def write(rows: list[dict[str, object]], fp_ppl: float, out: Path, header: str) 
         vs = f"{ppl / float(peer):.3f}" if peer is not None else "-"  # type: ignore[arg-type]
         lines.append(
             f"| {r['format']} | {r['method']} | {ppl:.3f} | {ppl / fp_ppl:.3f} | {vs} | "
-            f"{float(r['seconds']):.1f} | {r.get('note', '')} |"  # type: ignore[arg-type]
+            f"{float(r['seconds']):.1f} | {r.get('threads', 2)} | {r.get('note', '')} |"  # type: ignore[arg-type]
         )
     gptq = {(r["format"], r["method"]): float(r["seconds"]) for r in rows}  # type: ignore[arg-type]
     lines += ["", "GPTQ wall time (quantization step only), ours / llm-compressor:", ""]
@@ -150,7 +176,7 @@ def main() -> None:
     header = (
         f"Calibration {a.samples} x {a.seqlen} tokens (default text, seed 0, identical ids "
         f"for llm-compressor); eval {eval_ids.numel()} tokens of `{default_eval_file().name}` "
-        f"in 512-token windows; {a.threads} CPU threads; lm_head (tied) not quantized."
+        "in 512-token windows; CPU threads per row in the table; lm_head (tied) not quantized."
     )
     rows: list[dict[str, object]] = []
     store = a.out.with_suffix(".json")
@@ -192,6 +218,7 @@ def main() -> None:
                         "ppl": float("nan"),
                         "seconds": 0.0,
                         "note": f"failed (rc {proc.returncode})",
+                        "threads": a.threads,
                     },
                 )
                 write(rows, fp_ppl, a.out, header)
@@ -211,6 +238,7 @@ def main() -> None:
                     "ppl": ppl,
                     "seconds": res["seconds"],
                     "note": note,
+                    "threads": a.threads,
                 },
             )
             write(rows, fp_ppl, a.out, header)
@@ -218,13 +246,27 @@ def main() -> None:
             if not selected(a.only, f"{fname} {method}"):
                 continue
             model = copy.deepcopy(fp_model)
-            plan = build_plan(model, scheme)
+            try:
+                fmt_m = FORMAT_CHANGES.get(method, lambda f: f)(fmt)
+            except ValueError as exc:  # e.g. full-range on a float format
+                print(f"{fname} {method}: skipped ({exc})", flush=True)
+                continue
+            plan = build_plan(model, replace(scheme, weight=fmt_m))
             ctx = PassContext(calibration=cal, progress=False)
             start = time.perf_counter()
             Pipeline([make()]).run(QuantState(model=model, plan=plan, tokenizer=tok), ctx)
             secs = time.perf_counter() - start
             ppl = perplexity(model, eval_ids, seqlen=512, progress=False)
-            add_row(rows, {"format": fname, "method": method, "ppl": ppl, "seconds": secs})
+            add_row(
+                rows,
+                {
+                    "format": fname,
+                    "method": method,
+                    "ppl": ppl,
+                    "seconds": secs,
+                    "threads": a.threads,
+                },
+            )
             write(rows, fp_ppl, a.out, header)
 
 

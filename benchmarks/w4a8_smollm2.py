@@ -21,28 +21,31 @@ import json
 import subprocess
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from ptq.calibration.text import calibration_batches
+from ptq.compose import build_passes
 from ptq.evaluate import perplexity, tokenize_eval_text
 from ptq.formats import FP4_E2M1, INT4, PerGroup, QuantFormat
 from ptq.models.paths import default_eval_file
 from ptq.models.source import load_fp_model, resolve_model
-from ptq.passes.gptq import GPTQPass
-from ptq.passes.lorc import LoRCConfig, LoRCPass
-from ptq.passes.rotation import RotationConfig, RotationPass
-from ptq.passes.rtn import RTNPass
-from ptq.passes.smoothquant import SmoothQuantConfig, SmoothQuantPass
-from ptq.passes.zeroquant_fp import ZeroQuantFPConfig, ZeroQuantFPPass
 from ptq.pipeline import Pass, PassContext, Pipeline, QuantState
 from ptq.plan import build_plan
 from ptq.scheme import ACTIVATION_FORMATS, Scheme, get_scheme
 
 FP8_TOKEN = ACTIVATION_FORMATS["fp8"]
+S_STATIC = "W8A8-INT static per-tensor"
 SCHEMES: dict[str, Scheme] = {
     "W8A8-INT": get_scheme("w8a8"),
+    S_STATIC: Scheme(
+        name="w8a8_int8_tensor_static",
+        weight=get_scheme("w8a8").weight,
+        activation=ACTIVATION_FORMATS["int8_tensor_static"],
+    ),
     "FP8": get_scheme("fp8"),
     "W4A8 INT4-g64 x FP8": Scheme(
         name="w4a8_int4_g64", weight=QuantFormat(INT4, PerGroup(64)), activation=FP8_TOKEN
@@ -55,48 +58,70 @@ SCHEMES: dict[str, Scheme] = {
 }
 
 
-def weight_pass(scheme: str, gptq: bool) -> Pass:
-    """GPTQ (act-order, static groups) or RTN (ZeroQuant-FP M2 scales for FP4)."""
-    if gptq:
-        return GPTQPass()
-    return ZeroQuantFPPass(ZeroQuantFPConfig(variant="m2")) if "FP4" in scheme else RTNPass()
+class Row(NamedTuple):
+    """One table row: scheme key, label and the options of its pipeline."""
+
+    scheme: str
+    label: str
+    sq: str | None = None  # SmoothQuant: "search" or an alpha
+    rot: str | None = None  # rotation: "offline" or "online" (online H before down_proj)
+    lorc: int = 0  # LoRC rank (0: off)
+    gptq: bool = False
+    full_range: bool = False  # INT weights: s = v* / -2^(b-1) instead of amax / q_max
 
 
-def build(scheme: str, sq: str | None, rot: str | None, lorc: int, gptq: bool) -> list[Pass]:
-    """Pipeline: [rotation] [smoothquant] weight pass (wrapped by LoRC if rank > 0)."""
-    passes: list[Pass] = []
-    if rot is not None:
-        passes.append(RotationPass(RotationConfig(online_down_proj=rot == "online")))
-    if sq == "search":
-        passes.append(SmoothQuantPass(SmoothQuantConfig(search=True)))
-    elif sq is not None:
-        passes.append(SmoothQuantPass(SmoothQuantConfig(alpha=float(sq))))
-    w = weight_pass(scheme, gptq)
-    passes.append(LoRCPass(w, LoRCConfig(rank=lorc)) if lorc else w)
-    return passes
+def row_scheme(row: Row) -> Scheme:
+    """The row's scheme (full-range weight scales if asked)."""
+    scheme = SCHEMES[row.scheme]
+    if row.full_range:
+        return replace(scheme, weight=replace(scheme.weight, scale_rule="full_range"))
+    return scheme
 
 
-# (scheme, label, smoothquant, rotation, LoRC rank, GPTQ?)
-Row = tuple[str, str, str | None, str | None, int, bool]
+def build(row: Row) -> list[Pass]:
+    """The ``ptq quantize`` pipeline (:func:`ptq.compose.build_passes`) for one row.
+
+    Weight pass: GPTQ (act-order, static groups) or RTN (ZeroQuant-FP M2 scales for FP4);
+    static activation schemes get their activation-calibration pass.
+    """
+    method = "gptq" if row.gptq else ("zeroquant_fp" if "FP4" in row.scheme else "rtn")
+    return build_passes(
+        row_scheme(row),
+        method=method,
+        smoothquant=row.sq,
+        rotate=row.rot is not None,
+        rotate_online=row.rot == "online",
+        lorc=row.lorc or None,
+    )
+
+
 S_INT4, S_FP4 = "W4A8 INT4-g64 x FP8", "W4A8 FP4-M2-g64 x FP8"
 # Ordered so that a partial run already answers the main questions.
 ROWS: list[Row] = [
-    ("W8A8-INT", "RTN", None, None, 0, False),
-    ("W8A8-INT", "+SmoothQuant (search)", "search", None, 0, False),
-    ("W8A8-INT", "GPTQ +SmoothQuant (search)", "search", None, 0, True),
-    ("FP8", "RTN", None, None, 0, False),
-    (S_INT4, "RTN", None, None, 0, False),
-    (S_INT4, "GPTQ", None, None, 0, True),
-    (S_FP4, "RTN", None, None, 0, False),
-    (S_FP4, "GPTQ", None, None, 0, True),
-    (S_INT4, "+SmoothQuant (search)", "search", None, 0, False),
-    (S_FP4, "+SmoothQuant (search)", "search", None, 0, False),
-    (S_INT4, "+rotation (online H down)", None, "online", 0, False),
-    (S_FP4, "+rotation (online H down)", None, "online", 0, False),
-    (S_INT4, "+LoRC r8", None, None, 8, False),
-    (S_INT4, "+LoRC r32", None, None, 32, False),
-    (S_FP4, "+LoRC r8", None, None, 8, False),
-    (S_FP4, "+LoRC r32", None, None, 32, False),
+    Row("W8A8-INT", "RTN"),
+    Row("W8A8-INT", "+SmoothQuant (search)", sq="search"),
+    Row("W8A8-INT", "GPTQ +SmoothQuant (search)", sq="search", gptq=True),
+    Row("FP8", "RTN"),
+    # Static per-tensor INT8 activations: where outliers matter, so where SmoothQuant and
+    # rotation should earn their keep.
+    Row(S_STATIC, "RTN"),
+    Row(S_STATIC, "+SmoothQuant (search)", sq="search"),
+    Row(S_STATIC, "+rotation (online H down)", rot="online"),
+    Row(S_STATIC, "+rotation (online H down) +SmoothQuant (search)", sq="search", rot="online"),
+    Row(S_INT4, "RTN"),
+    Row(S_INT4, "GPTQ", gptq=True),
+    Row(S_INT4, "RTN full-range", full_range=True),
+    Row(S_INT4, "GPTQ full-range", gptq=True, full_range=True),
+    Row(S_FP4, "RTN"),
+    Row(S_FP4, "GPTQ", gptq=True),
+    Row(S_INT4, "+SmoothQuant (search)", sq="search"),
+    Row(S_FP4, "+SmoothQuant (search)", sq="search"),
+    Row(S_INT4, "+rotation (online H down)", rot="online"),
+    Row(S_FP4, "+rotation (online H down)", rot="online"),
+    Row(S_INT4, "+LoRC r8", lorc=8),
+    Row(S_INT4, "+LoRC r32", lorc=32),
+    Row(S_FP4, "+LoRC r8", lorc=8),
+    Row(S_FP4, "+LoRC r32", lorc=32),
 ]
 # llm-compressor rows (benchmarks/peers/llmc_quantize.py schemes), same calibration ids.
 PEER_ROWS = {
@@ -110,8 +135,11 @@ def best_combination(scheme: str, done: dict[tuple[str, str], float]) -> Row:
     rtn = done[(scheme, "RTN")]
     sq = "search" if done.get((scheme, "+SmoothQuant (search)"), rtn) < rtn else None
     rot = "online" if done.get((scheme, "+rotation (online H down)"), rtn) < rtn else None
-    parts = ["GPTQ"] + [n for n, on in (("rotation", rot), ("SQ", sq)) if on] + ["LoRC r32"]
-    return (scheme, "best: " + " + ".join(parts), sq, rot, 32, True)
+    fr = done.get((scheme, "RTN full-range"), rtn) < rtn
+    named = (("rotation", rot), ("SQ", sq), ("full-range", fr))
+    parts = ["GPTQ"] + [n for n, on in named if on] + ["LoRC r32"]
+    label = "best: " + " + ".join(parts)
+    return Row(scheme, label, sq=sq, rot=rot, lorc=32, gptq=True, full_range=fr)
 
 
 Result = tuple[str, str, float, float]  # scheme, label, ppl, seconds
@@ -172,10 +200,12 @@ def main() -> None:
         "# SmolLM2-135M: W8A8 / FP8 / W4A8 perplexity (one run, same data)\n\n"
         "Calibration: 32 x 256 tokens (default text, seed 0). Eval: 4096 held-out tokens "
         "(`default_eval_file()`), seqlen 512. Activations: dynamic per-token (INT8 for "
-        "W8A8, FP8 E4M3 otherwise). FP4 rows: ZeroQuant-FP M2 (per-row real scale x "
+        "W8A8, FP8 E4M3 otherwise), except the static per-tensor INT8 rows (min-max "
+        "scales calibrated on the same 32 x 256 tokens). FP4 rows: ZeroQuant-FP M2 (per-row real scale x "
         "per-group power-of-two, exact FP4->FP8 cast). SmoothQuant: alpha searched per "
         "group on 0.3..0.9 (or off). Rotation: QuaRot randomised Hadamard + online "
         "Hadamard before down_proj. LoRC: fp16 factors. GPTQ: act-order, static groups. "
+        "full-range: INT weight scales s = v* / -8 (all 16 levels) instead of amax / 7. "
         "'loss kept vs RTN' = (ppl - FP) / (RTN ppl - FP) of the same scheme (target <= 0.5). "
         "llm-compressor rows: perplexity computed in its venv on its in-memory model after "
         "`oneshot` (activation fake-quantization on), same ids and windows.\n"
@@ -184,7 +214,7 @@ def main() -> None:
     store = args.out.with_suffix(".json")
     results: list[Result] = []
     if args.append and store.exists():
-        results = [tuple(r) for r in json.loads(store.read_text())]  # type: ignore[misc]
+        results = [tuple(r) for r in json.loads(store.read_text())]
     done: dict[tuple[str, str], float] = {(s, v): p for s, v, p, _ in results}
     tmp = Path(tempfile.mkdtemp(prefix="w4a8_bench_"))
     torch.save(calib, tmp / "calib.pt")
@@ -203,14 +233,15 @@ def main() -> None:
     finished: set[str] = set()
     i = 0
     while i < len(rows):
-        scheme, variant, sq, rot, lorc, gptq = rows[i]
+        row = rows[i]
+        scheme, variant = row.scheme, row.label
         i += 1
         if selected(args.only, f"{scheme} {variant}"):
             start = time.perf_counter()
             model = copy.deepcopy(fp_model)
-            plan = build_plan(model, SCHEMES[scheme])
+            plan = build_plan(model, row_scheme(row))
             ctx = PassContext(seed=0, progress=False, calibration=calib)
-            passes = build(scheme, sq, rot, lorc, gptq)
+            passes = build(row)
             Pipeline(passes).run(QuantState(model, plan, tokenizer), ctx)
             ppl = perplexity(model, eval_ids, seqlen=512, progress=False)
             del model
