@@ -1,7 +1,8 @@
 """A layer Hessian summed in a fixed order, so sharding the batches cannot change its bits.
 
 GPTQ's Hessian ``H = 2 X^T X / n`` (Frantar et al., "GPTQ", 2022, section 3) is a sum
-over calibration forwards ``b = 0..B-1`` of the partials ``P_b = X_b^T X_b`` (float64).
+over calibration forwards ``b = 0..B-1`` of the partials ``P_b = X_b^T X_b`` (each one
+product in float32, the speed of the activations' own dtype; the sum in float64).
 Floating-point addition is not associative, so the sum is *defined* here as the left
 fold ``S = (((0 + P_0) + P_1) + ...) + P_{B-1}``, each ``P_b`` computed on its own
 (never accumulated inside the matrix product). One process folds each partial as it
@@ -19,7 +20,7 @@ from ptq.calibration.hessian import HessianAccumulator
 
 
 class OrderedHessian(HessianAccumulator):
-    """``sum_b X_b^T X_b`` as a left fold over forwards, in float64.
+    """``sum_b X_b^T X_b`` as a left fold over forwards: float32 partials, float64 sum.
 
     Args:
         in_features: ``K``, the size of the last input dimension.
@@ -34,15 +35,21 @@ class OrderedHessian(HessianAccumulator):
         self.pending: list[tuple[torch.Tensor, int]] = []
 
     def update(self, x: torch.Tensor) -> None:
-        """Compute ``P_b = X_b^T X_b`` for one forward's rows and fold (or keep) it."""
-        part = HessianAccumulator(self.in_features, dtype=torch.float64)
+        """Compute ``P_b = X_b^T X_b`` for one forward's rows and fold (or keep) it.
+
+        The product runs in float32 (half the time of float64 on CPUs; a forward's rows
+        are a few thousand, so its rounding error is ~1e-6 relative); the fold into the
+        running sum is float64, so many forwards do not accumulate float32 error.
+        """
+        part = HessianAccumulator(self.in_features, dtype=torch.float32)
         part.update(x)  # validates shape and finiteness
         if part._sum is None:
             return
+        partial = part._sum.double()
         if self.defer:
-            self.pending.append((part._sum, part.nsamples))
+            self.pending.append((partial, part.nsamples))
         else:
-            self._fold(part._sum, part.nsamples)
+            self._fold(partial, part.nsamples)
 
     def _fold(self, partial: torch.Tensor, rows: int) -> None:
         if self._sum is None:

@@ -51,6 +51,9 @@ Calibration = torch.Tensor | Sequence[Mapping[str, Any]]
 class LayerStats:
     """Statistics of one layer's input rows gathered during a stage.
 
+    Layers of one stage read the same tensor, so dense layers with the same input width
+    share one Hessian accumulator (q/k/v, gate/up): it is summed once, not per layer.
+
     ``max_rows`` rows are cached: the first ones seen, or (``rows_per_add > 0``, used
     for convs whose one image gives thousands of correlated patches) a seeded random
     subset of at most ``rows_per_add`` rows from each forward.
@@ -61,11 +64,16 @@ class LayerStats:
     max_rows: int = 4096
     rows_per_add: int = 0
     generator: torch.Generator | None = None
+    owns_hessian: bool = True
 
     def add(self, x: torch.Tensor) -> None:
-        """Add input rows ``x [..., K]`` (every leading index is one row)."""
+        """Add input rows ``x [..., K]`` (every leading index is one row).
+
+        A layer whose ``hessian`` is shared with another layer fed the same tensor
+        (``owns_hessian=False``) leaves the update to that layer.
+        """
         rows = x.detach().reshape(-1, x.shape[-1])
-        if self.hessian is not None:
+        if self.hessian is not None and self.owns_hessian:
             self.hessian.update(rows)
         if self.max_rows > 0:
             have = sum(t.shape[0] for t in self.inputs)
@@ -201,12 +209,24 @@ def _collect(
     n_batches: int = 1,
     new_stats: NewStatsFn = _new_stats,
 ) -> dict[str, LayerStats]:
-    """Run ``run()`` with hooks that feed each named layer's input rows to its stats."""
+    """Run ``run()`` with hooks that feed each named layer's input rows to its stats.
+
+    ``names`` must be one stage (layers fed the same tensor). With the default
+    ``new_stats``, dense layers of equal input width share the first one's Hessian.
+    """
     stats: dict[str, LayerStats] = {}
+    shared: dict[int, HessianAccumulator] = {}
     handles = []
     for name in names:
         module = root.get_submodule(name[len(prefix) :])
         stats[name] = new_stats(module, request, n_batches)
+        hess = stats[name].hessian
+        if new_stats is _new_stats and type(hess) is OrderedHessian and not hess.defer:
+            width = hess.in_features
+            if width in shared:
+                stats[name].hessian, stats[name].owns_hessian = shared[width], False
+            else:
+                shared[width] = hess
 
         def hook(
             _m: nn.Module, args: tuple[Any, ...], out: Any, _s: LayerStats = stats[name]
@@ -317,7 +337,9 @@ class BlockwiseRunner:
     def _stage(
         self, block: nn.Module, prefix: str, stage: list[str], inputs: list[BlockInput]
     ) -> None:
-        run = functools.partial(run_block, block, inputs)
+        modules = [block.get_submodule(n[len(prefix) :]) for n in stage]
+        forwards = [functools.partial(_block_forward, block, x) for x in inputs]
+        run = functools.partial(_run_until, modules, forwards)
         self._quantize_stage(stage, self._collect_stats(block, stage, prefix, run, len(inputs)))
 
     def _run_whole(self, model: nn.Module, names: list[str], batches: list[Any]) -> None:
@@ -329,29 +351,40 @@ class BlockwiseRunner:
         stages = _stages_from_order(order, names)
         bar = tqdm(stages, desc="stages", disable=not self.progress or len(stages) < 2)
         for stage in bar:
-            run = functools.partial(_forward_until, model, stage, batches)
+            modules = [model.get_submodule(n) for n in stage]
+            forwards = [functools.partial(forward_batch, model, b) for b in batches]
+            run = functools.partial(_run_until, modules, forwards)
             self._quantize_stage(stage, self._collect_stats(model, stage, "", run, len(batches)))
             if self.describe is not None:
                 bar.set_postfix_str(self.describe())
 
 
-def _forward_until(model: nn.Module, stage: list[str], batches: list[Any]) -> None:
-    """Forward every batch, stopping each once all of ``stage``'s layers have run."""
-    fired: set[str] = set()
+def _block_forward(block: nn.Module, x: BlockInput) -> Any:
+    return block(x.hidden, *x.args, **x.kwargs)
 
-    def hook(_name: str, _m: nn.Module, _a: tuple[Any, ...], _o: Any) -> None:
-        fired.add(_name)
-        if len(fired) == len(stage):
+
+def _run_until(modules: list[nn.Module], forwards: Sequence[Callable[[], Any]]) -> None:
+    """Call each forward, stopping it once every module of ``modules`` has run.
+
+    A stage's statistics are complete once its layers have seen their input, so the rest
+    of the block (or model) is skipped: for a Llama block the q/k/v stage stops before
+    attention, the o stage before the MLP. The hooks are registered after the
+    statistics hooks, so they fire after them.
+    """
+    fired: set[int] = set()
+    want = {id(m) for m in modules}
+
+    def hook(m: nn.Module, _a: tuple[Any, ...], _o: Any) -> None:
+        fired.add(id(m))
+        if fired >= want:
             raise StopForward
 
-    handles = [
-        model.get_submodule(n).register_forward_hook(functools.partial(hook, n)) for n in stage
-    ]
+    handles = [m.register_forward_hook(hook) for m in modules]
     try:
-        for batch in batches:
+        for forward in forwards:
             fired.clear()
             with contextlib.suppress(StopForward):
-                forward_batch(model, batch)
+                forward()
     finally:
         for h in handles:
             h.remove()

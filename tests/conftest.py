@@ -6,6 +6,7 @@ import json
 import random
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -161,3 +162,27 @@ def run_cli() -> Callable[..., object]:
 
 def read_json(path: Path) -> dict[str, object]:
     return json.loads(path.read_text())  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def tiny_lm() -> Callable[[], Any]:
+    """Factory of one tiny random Llama (seed 0, 2 layers, hidden 64, fp32, eval mode).
+
+    Every call builds the same weights, so a test can compare a quantized copy with an
+    untouched one.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def make() -> LlamaForCausalLM:
+        torch.manual_seed(0)
+        cfg = LlamaConfig(
+            vocab_size=320,
+            hidden_size=64,
+            intermediate_size=192,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+        return LlamaForCausalLM(cfg).float().eval()
+
+    return make

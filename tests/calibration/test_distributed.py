@@ -38,10 +38,11 @@ def _batches() -> list[torch.Tensor]:
 
 
 def _partial(x: torch.Tensor) -> torch.Tensor:
-    part = HessianAccumulator(K)
+    """One forward's ``X^T X``: a float32 product, widened to float64 for the fold."""
+    part = HessianAccumulator(K, dtype=torch.float32)
     part.update(x)
     assert part._sum is not None
-    return part._sum
+    return part._sum.double()
 
 
 def _layers() -> list[Any]:

@@ -1,0 +1,103 @@
+"""BlockwiseRunner: stage statistics, early-stopped stage forwards, shared Hessians."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ptq.calibration.runner import BlockwiseRunner, LayerStats, StatsRequest
+
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+LINEARS += ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def _names(model: nn.Module) -> list[str]:
+    return [f"model.layers.{i}.{n}" for i in range(2) for n in LINEARS]
+
+
+def _reference_hessians(model: nn.Module, names: list[str], ids: torch.Tensor) -> dict:
+    """``2 X^T X / n`` of each layer's input over a plain forward (float64)."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook(name: str) -> Callable[..., None]:
+        def fn(_m: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            sums[name] = sums.get(name, 0) + x.T @ x
+            counts[name] = counts.get(name, 0) + x.shape[0]
+
+        return fn
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    with torch.no_grad():
+        for batch in ids.split(2):
+            model(input_ids=batch, use_cache=False)
+    for h in handles:
+        h.remove()
+    return {n: 2.0 * sums[n] / counts[n] for n in names}
+
+
+def _run(model: nn.Module, ids: torch.Tensor) -> dict[str, LayerStats]:
+    """Run the runner with a quantizer that only records statistics (weights untouched)."""
+    seen: dict[str, LayerStats] = {}
+    runner = BlockwiseRunner(
+        StatsRequest(hessian=True, input_rows=16),
+        lambda name, stats: seen.__setitem__(name, stats),
+        batch_size=2,
+        progress=False,
+    )
+    runner.run(model, _names(model), ids)
+    return seen
+
+
+def test_stage_hessians_equal_a_plain_forward(tiny_lm: Callable[[], nn.Module]) -> None:
+    model = tiny_lm()
+    ids = torch.randint(0, 320, (6, 12), generator=torch.Generator().manual_seed(1))
+    seen = _run(model, ids)
+    ref = _reference_hessians(model, _names(model), ids)
+    assert set(seen) == set(ref)
+    for name, stats in seen.items():
+        assert stats.hessian is not None
+        h = stats.hessian.hessian()
+        assert h.dtype == torch.float64
+        torch.testing.assert_close(h, ref[name], rtol=1e-5, atol=1e-6)
+        assert stats.input_rows().shape == (16, ref[name].shape[0])
+
+
+def test_layers_fed_one_tensor_share_one_hessian(tiny_lm: Callable[[], nn.Module]) -> None:
+    model = tiny_lm()
+    ids = torch.randint(0, 320, (4, 8), generator=torch.Generator().manual_seed(2))
+    seen = _run(model, ids)
+    for i in range(2):
+        p = f"model.layers.{i}."
+        q, k, v = (seen[p + f"self_attn.{n}_proj"] for n in "qkv")
+        assert q.hessian is k.hessian is v.hessian
+        assert (q.owns_hessian, k.owns_hessian, v.owns_hessian) == (True, False, False)
+        assert q.hessian is not None and q.hessian.nsamples == ids.numel()  # counted once
+        gate, up = seen[p + "mlp.gate_proj"], seen[p + "mlp.up_proj"]
+        assert gate.hessian is up.hessian
+        assert seen[p + "self_attn.o_proj"].hessian is not q.hessian
+        # cached rows stay per layer
+        assert torch.equal(q.input_rows(), k.input_rows())
+
+
+def test_stage_forwards_stop_after_the_stage(tiny_lm: Callable[[], nn.Module]) -> None:
+    """Each stage's forward ends once its layers ran: down_proj runs only in its own stage
+    and in the pass that makes the block's outputs (2 forwards per batch, not 5), plus the
+    one-row forward that discovers the stages."""
+    model = tiny_lm()
+    ids = torch.randint(0, 320, (4, 8), generator=torch.Generator().manual_seed(3))
+    calls = {"down": 0, "o": 0}
+    layer = model.model.layers[0]
+    layer.mlp.down_proj.register_forward_hook(
+        lambda *_: calls.__setitem__("down", calls["down"] + 1)
+    )
+    layer.self_attn.o_proj.register_forward_hook(lambda *_: calls.__setitem__("o", calls["o"] + 1))
+    _run(model, ids)
+    batches = 2
+    assert calls["down"] == 2 * batches + 1
+    # o_proj: its own stage, the gate/up stage, the down stage, the block outputs
+    assert calls["o"] == 4 * batches + 1
