@@ -131,6 +131,11 @@ def adaquant_layer(
         y = fwd(w0, b0, x) if targets is None else targets.detach().float()
     if y.shape[0] != x.shape[0] or x.shape[0] == 0:
         raise ValueError(f"AdaQuant inputs ({x.shape[0]}) and targets ({y.shape[0]}) must match")
+    if fmt.channel_scale:
+        raise ValueError(
+            "AdaQuant learns one scale per block; formats with a per-row channel scale "
+            "(ZeroQuant-FP M2) are not supported: use GPTQ or AdaRound"
+        )
     init = block_scales(w0, fmt)
     gs = init.global_scale
     s0_full, zp = init.expand(w0.shape)

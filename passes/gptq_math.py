@@ -178,6 +178,11 @@ def gptq_quantize(
         block = fmt.granularity.block_shape(N, K)
     except ValueError as err:
         raise ValueError(f"layer {layer_name!r} [{N}, {K}]: {err}") from err
+    if fmt.channel_scale and cfg.scale_mode == "dynamic":
+        raise ValueError(
+            f"layer {layer_name!r}: a per-row channel scale (ZeroQuant-FP M2) comes from the "
+            f"whole row; use scale_mode='static'"
+        )
     if cfg.act_order and cfg.scale_mode == "dynamic" and _column_groups(K, block[1]) > 1:
         raise ValueError(
             f"layer {layer_name!r}: act-order with dynamic per-group scales would need a "
@@ -206,8 +211,8 @@ def gptq_quantize(
     codes = _sweep(Wq[:, perm], U.float(), scales, fmt, perm, cfg)
     scale_full, zp_full = scales.expand((N, K))
     deq = dequantize_with_scale(codes, scale_full, zp_full)
-    D = W.detach().to(H.dtype) - deq.to(H.dtype)
-    error = float(((D @ H) * D).sum())
+    D = W.detach().float() - deq  # the error metric is a report: float32 is enough
+    error = float(((D @ H.float()) * D).sum())
     stats = GPTQStats(
         layer_name, error, damp, retries, int(dead.sum()), time.perf_counter() - start
     )
@@ -224,52 +229,55 @@ def _sweep(
 ) -> torch.Tensor:
     """Algorithm 1 on permuted columns; returns grid values ``q`` in the original order.
 
-    ``W`` is updated in place. In dynamic mode ``scales`` (in original column order,
-    with identity ``perm`` or a single column group) is filled as groups start.
+    ``W`` is left as it is (the sweep works on a column-major copy). In dynamic mode
+    ``scales`` (in original column order, with identity ``perm`` or a single column
+    group) is filled as groups start.
     """
     N, K = W.shape
     r, c = scales.block
     dynamic = cfg.scale_mode == "dynamic"
+    # Column-major work: row j of Wt is column j of W, so the per-column steps below
+    # read and write contiguous memory (several times faster than strided columns).
+    Wt = W.T.contiguous()
     if dynamic:
-        S = torch.ones_like(W)
-        Z = None if scales.zero_point is None else torch.zeros_like(W)
+        St = torch.ones_like(Wt)
+        Zt = None if scales.zero_point is None else torch.zeros_like(Wt)
     else:
         S_full, Z_full = scales.expand((N, K))
-        S = S_full[:, perm]
-        Z = None if Z_full is None else Z_full[:, perm]
-    codes = torch.zeros_like(W)
+        St = S_full[:, perm].T.contiguous()
+        Zt = None if Z_full is None else Z_full[:, perm].T.contiguous()
+    codes_t = torch.zeros_like(Wt)
     for i1 in range(0, K, cfg.block_size):
         i2 = min(i1 + cfg.block_size, K)
-        W1 = W[:, i1:i2].clone()
+        W1 = Wt[i1:i2].clone()
         Err1 = torch.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
             j = i1 + i
             if dynamic and j % c == 0:
                 end = min(j + c, K)
-                current = _current_columns(W, W1, Err1, U, i1, i, i2, end)
+                current = _current_columns(Wt, W1, Err1, U, i1, i, i2, end)
                 g = block_scales(current, fmt, block=(r, c), global_scale=scales.global_scale)
                 scales.stored[:, j // c] = g.stored[:, 0]
-                s_col = expand_blocks(g.effective(), (r, 1), (N, 1))
-                S[:, j:end] = s_col
-                if Z is not None and scales.zero_point is not None and g.zero_point is not None:
+                St[j:end] = expand_blocks(g.effective(), (r, 1), (N, 1)).T
+                if Zt is not None and scales.zero_point is not None and g.zero_point is not None:
                     scales.zero_point[:, j // c] = g.zero_point[:, 0]
-                    Z[:, j:end] = expand_blocks(g.zero_point, (r, 1), (N, 1))
-            w = W1[:, i]
-            z = None if Z is None else Z[:, j]
-            q = round_with_scale(w, S[:, j], fmt.element, z)
-            codes[:, j] = q
-            err = (w - dequantize_with_scale(q, S[:, j], z)) / U1[i, i]
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
-    out = torch.empty_like(codes)
-    out[:, perm] = codes
+                    Zt[j:end] = expand_blocks(g.zero_point, (r, 1), (N, 1)).T
+            w = W1[i]
+            z = None if Zt is None else Zt[j]
+            q = round_with_scale(w, St[j], fmt.element, z)
+            codes_t[j] = q
+            err = (w - dequantize_with_scale(q, St[j], z)) / U1[i, i]
+            W1[i:] -= U1[i, i:][:, None] * err[None, :]
+            Err1[i] = err
+        Wt[i2:] -= U[i1:i2, i2:].T @ Err1
+    out = torch.empty_like(W)
+    out[:, perm] = codes_t.T
     return out
 
 
 def _current_columns(
-    W: torch.Tensor,
+    Wt: torch.Tensor,
     W1: torch.Tensor,
     Err1: torch.Tensor,
     U: torch.Tensor,
@@ -278,13 +286,14 @@ def _current_columns(
     i2: int,
     end: int,
 ) -> torch.Tensor:
-    """Error-updated values of columns ``[i1 + i, end)`` mid-sweep.
+    """Error-updated values of columns ``[i1 + i, end)`` mid-sweep, as ``[N, cols]``.
 
-    Columns inside the current block are up to date in ``W1``; those after it still lack
-    this block's pending lazy update ``Err1[:, :i] U[i1:i1+i, i2:end]``.
+    ``Wt``, ``W1`` and ``Err1`` hold columns as rows. Columns inside the current block are
+    up to date in ``W1``; those after it still lack this block's pending lazy update
+    ``Err1[:i]^T U[i1:i1+i, i2:end]``.
     """
-    inside = W1[:, i : min(end, i2) - i1]
+    inside = W1[i : min(end, i2) - i1]
     if end <= i2:
-        return inside
-    pending = Err1[:, :i] @ U[i1 : i1 + i, i2:end]
-    return torch.cat([inside, W[:, i2:end] - pending], dim=1)
+        return inside.T
+    pending = U[i1 : i1 + i, i2:end].T @ Err1[:i]
+    return torch.cat([inside, Wt[i2:end] - pending], dim=0).T

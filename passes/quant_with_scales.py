@@ -46,18 +46,24 @@ class BlockScales:
         block: The block shape ``(r, c)`` the granularity lowers to.
         zero_point: Integer zero points (as fp32) with the shape of ``stored``, or None.
         global_scale: Per-tensor second level ``[1]`` (NVFP4), or None.
+        channel_scale: Per-row real scale ``[R, 1]`` under per-block powers of two
+            (ZeroQuant-FP M2, ``QuantFormat(channel_scale=True)``), or None.
     """
 
     stored: torch.Tensor
     block: tuple[int, int]
     zero_point: torch.Tensor | None = None
     global_scale: torch.Tensor | None = None
+    channel_scale: torch.Tensor | None = None
 
     def effective(self) -> torch.Tensor:
-        """``stored / global_scale``: the per-block multiplier of the element values."""
-        if self.global_scale is None:
-            return self.stored
-        return self.stored / self.global_scale
+        """The per-block multiplier of the element values, in dequantization's op order:
+        ``stored / global_scale``, ``stored * channel_scale`` or ``stored``."""
+        if self.global_scale is not None:
+            return self.stored / self.global_scale
+        if self.channel_scale is not None:
+            return self.stored * self.channel_scale
+        return self.stored
 
     def expand(
         self, shape: torch.Size | tuple[int, int]
@@ -99,7 +105,8 @@ def block_scales(
         fmt = fmt.with_granularity(PerBlock(*block))
     q = quantize(w, fmt, global_scale=global_scale)
     zp = None if q.zero_point is None else q.zero_point.float()
-    return BlockScales(q.scale, fmt.granularity.block_shape(*w.shape), zp, q.global_scale)
+    block_shape = fmt.granularity.block_shape(*w.shape)
+    return BlockScales(q.scale, block_shape, zp, q.global_scale, q.channel_scale)
 
 
 def tensor_global_scale(w: torch.Tensor, fmt: QuantFormat) -> torch.Tensor | None:
@@ -165,6 +172,7 @@ def build_qtensor(q: torch.Tensor, scales: BlockScales, fmt: QuantFormat) -> QTe
         fmt=fmt,
         zero_point=zp,
         global_scale=scales.global_scale,
+        channel_scale=scales.channel_scale,
     )
 
 

@@ -93,3 +93,11 @@ def test_gain_correction_is_least_squares() -> None:
     assert torch.equal(zeros, torch.ones(4))
     with pytest.raises(ValueError, match="equal shapes"):
         gain_correction(fp, fp[:, :3])
+
+
+def test_channel_scale_formats_are_refused() -> None:
+    """AdaQuant learns per-block scales; a per-row channel scale (ZeroQuant-FP M2) would be
+    silently dropped, so it refuses with a pointer to the methods that support it."""
+    m2 = QuantFormat(FP4_E2M1, PerGroup(16), scale_format="pow2", channel_scale=True)
+    with pytest.raises(ValueError, match="GPTQ or AdaRound"):
+        adaquant_layer(torch.randn(8, 32), torch.randn(64, 32), m2)

@@ -237,3 +237,24 @@ def test_bad_shapes_and_values_are_rejected() -> None:
         gptq_quantize(w, h, FORMATS["int4_channel"], layer_name="l")
     with pytest.raises(ValueError, match="block_size"):
         GPTQConfig(block_size=0)
+
+
+M2 = QuantFormat(FP4_E2M1, PerGroup(64), scale_format="pow2", channel_scale=True)
+
+
+@pytest.mark.parametrize("mode", ["static", "static_act_order"])
+def test_channel_scale_format_keeps_its_row_scales(mode: str) -> None:
+    """ZeroQuant-FP M2 (per-row real scale x per-group power of two): GPTQ's static scales
+    carry the row scale, so it beats RTN and its QTensor decodes to its weight exactly."""
+    w, x, h = make_problem()
+    result = gptq_quantize(w, h, M2, layer_name="l", config=MODES[mode])
+    assert result.qtensor.channel_scale is not None
+    assert torch.equal(bits(dequantize(result.qtensor)), bits(result.weight))
+    rtn = output_error(w, fake_quantize(w, M2), x)
+    assert output_error(w, result.weight, x) < 0.8 * rtn
+
+
+def test_channel_scale_format_refuses_dynamic_scales() -> None:
+    w, _, h = make_problem()
+    with pytest.raises(ValueError, match="channel scale"):
+        gptq_quantize(w, h, M2, layer_name="l", config=MODES["dynamic"])
