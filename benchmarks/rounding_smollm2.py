@@ -96,9 +96,10 @@ def load_peer_output(path: Path) -> nn.Module:
 
 
 def selected(only: str, label: str) -> bool:
-    """Whether ``label`` matches one of the comma-separated substrings (all if empty)."""
+    """Whether ``label`` matches one of the comma-separated substrings (all if empty);
+    a pattern ending in ``$`` must match the whole label."""
     wanted = [w.strip() for w in only.split(",") if w.strip()]
-    return not wanted or any(w in label for w in wanted)
+    return not wanted or any(w[:-1] == label if w.endswith("$") else w in label for w in wanted)
 
 
 def add_row(rows: list[dict[str, object]], row: dict[str, object]) -> None:
@@ -152,7 +153,8 @@ def main() -> None:
     ap.add_argument(
         "--only",
         default="",
-        help="Comma-separated substrings of 'FORMAT METHOD' labels; run only matching rows.",
+        help="Comma-separated substrings of 'FORMAT METHOD' labels (a trailing $: the whole "
+        "label); run only matching rows.",
     )
     ap.add_argument("--peer", default="/work/peers/llmc/bin/python")
     ap.add_argument("--threads", type=int, default=2)
