@@ -56,15 +56,19 @@ class HessianAccumulator:
         rows = x.detach().reshape(-1, self.in_features)
         if rows.shape[0] == 0:
             return
-        if not bool(torch.isfinite(rows).all()):
+        device = self._device if self._device is not None else rows.device
+        if self._sum is not None:
+            device = self._sum.device
+        rows = rows.to(device=device, dtype=self.dtype)
+        part = rows.T @ rows
+        # A NaN or Inf anywhere in X reaches the diagonal (x^2), so checking K values
+        # replaces a pass over all N x K inputs (an overflowing x^2 is refused as well).
+        if not bool(torch.isfinite(part.diagonal()).all()):
             raise ValueError("HessianAccumulator got NaN/Inf inputs; check the calibration data")
         if self._sum is None:
-            device = self._device if self._device is not None else rows.device
-            self._sum = torch.zeros(
-                self.in_features, self.in_features, dtype=self.dtype, device=device
-            )
-        rows = rows.to(device=self._sum.device, dtype=self.dtype)
-        self._sum.addmm_(rows.T, rows)
+            self._sum = part
+        else:
+            self._sum += part
         self._count += rows.shape[0]
 
     def merge(self, other: HessianAccumulator) -> None:

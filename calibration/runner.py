@@ -323,8 +323,12 @@ class BlockwiseRunner:
             prefix = f"{path}.{i}."
             names = [n for n in layer_names if n.startswith(prefix)]
             if names:
-                for stage in discover_stages(block, prefix, names, inputs[0]):
-                    self._stage(block, prefix, stage, inputs)
+                stages = discover_stages(block, prefix, names, inputs[0])
+                resume: Resume | None = None
+                for k, stage in enumerate(stages):
+                    nxt = stages[k + 1] if k + 1 < len(stages) else []
+                    anchor = _common_parent(block, prefix, stage + nxt) if nxt else None
+                    resume = self._stage(block, prefix, stage, inputs, resume, anchor)
                 done.update(names)
             outputs = run_block(block, inputs)
             inputs = [replace(x, hidden=o) for x, o in zip(inputs, outputs, strict=True)]
@@ -335,12 +339,42 @@ class BlockwiseRunner:
             self._run_whole(model, rest, batches)
 
     def _stage(
-        self, block: nn.Module, prefix: str, stage: list[str], inputs: list[BlockInput]
-    ) -> None:
+        self,
+        block: nn.Module,
+        prefix: str,
+        stage: list[str],
+        inputs: list[BlockInput],
+        resume: Resume | None = None,
+        anchor: nn.Module | None = None,
+    ) -> Resume | None:
+        """Collect ``stage``'s statistics and quantize it.
+
+        ``resume``: start each forward at a submodule with inputs cached by the previous
+        stage instead of at the block. ``anchor``: the submodule holding this stage and
+        the next one; its inputs are cached here and returned for the next stage.
+        """
         modules = [block.get_submodule(n[len(prefix) :]) for n in stage]
-        forwards = [functools.partial(_block_forward, block, x) for x in inputs]
-        run = functools.partial(_run_until, modules, forwards)
-        self._quantize_stage(stage, self._collect_stats(block, stage, prefix, run, len(inputs)))
+        if resume is not None:
+            forwards = [functools.partial(resume.module, *a, **kw) for a, kw in resume.inputs]
+        else:
+            forwards = [functools.partial(_block_forward, block, x) for x in inputs]
+        captured: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+        handle = None
+        if anchor is not None:
+            hook = functools.partial(_keep_inputs, captured)
+            handle = anchor.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            run = functools.partial(_run_until, modules, forwards)
+            stats = self._collect_stats(block, stage, prefix, run, len(inputs))
+        finally:
+            if handle is not None:
+                handle.remove()
+        self._quantize_stage(stage, stats)
+        # Resume only if the anchor ran exactly once per forward (a module called twice
+        # would see inputs that depend on its own first call).
+        if anchor is None or len(captured) != len(forwards):
+            return None
+        return Resume(anchor, captured)
 
     def _run_whole(self, model: nn.Module, names: list[str], batches: list[Any]) -> None:
         """The whole model as one block: stages in execution order, quantized in turn."""
@@ -357,6 +391,42 @@ class BlockwiseRunner:
             self._quantize_stage(stage, self._collect_stats(model, stage, "", run, len(batches)))
             if self.describe is not None:
                 bar.set_postfix_str(self.describe())
+
+
+@dataclass
+class Resume:
+    """Where the next stage's forwards start: ``module`` called with cached inputs.
+
+    The module holds the layers of two consecutive stages, so its inputs were computed
+    before either stage's layers ran and quantizing the first stage cannot change them;
+    the next stage's forwards skip everything before the module (for a Llama block: the
+    down_proj stage starts at the MLP, not at the attention).
+    """
+
+    module: nn.Module
+    inputs: list[tuple[tuple[Any, ...], dict[str, Any]]]
+
+
+def _keep_inputs(
+    store: list[tuple[tuple[Any, ...], dict[str, Any]]],
+    _m: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> None:
+    store.append((args, dict(kwargs)))
+
+
+def _common_parent(block: nn.Module, prefix: str, names: list[str]) -> nn.Module | None:
+    """The smallest proper submodule of ``block`` holding all ``names`` (None: the block)."""
+    paths = [n[len(prefix) :].split(".")[:-1] for n in names]
+    common: list[str] = []
+    for parts in zip(*paths, strict=False):
+        if any(p != parts[0] for p in parts):
+            break
+        common.append(parts[0])
+    if not common or any(len(p) < len(common) for p in paths):
+        return None
+    return block.get_submodule(".".join(common))
 
 
 def _block_forward(block: nn.Module, x: BlockInput) -> Any:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 import torch
 from torch import nn
 
@@ -85,19 +86,55 @@ def test_layers_fed_one_tensor_share_one_hessian(tiny_lm: Callable[[], nn.Module
 
 
 def test_stage_forwards_stop_after_the_stage(tiny_lm: Callable[[], nn.Module]) -> None:
-    """Each stage's forward ends once its layers ran: down_proj runs only in its own stage
-    and in the pass that makes the block's outputs (2 forwards per batch, not 5), plus the
-    one-row forward that discovers the stages."""
+    """Each stage's forward ends once its layers ran and starts at the smallest module
+    holding it and the stage before (inputs cached there): down_proj runs only in its
+    own stage and in the pass that makes the block's outputs; the down_proj stage starts
+    at the MLP, so the attention runs in 3 forwards per batch, not 5. Plus one one-row
+    forward that discovers the stages."""
     model = tiny_lm()
     ids = torch.randint(0, 320, (4, 8), generator=torch.Generator().manual_seed(3))
-    calls = {"down": 0, "o": 0}
+    calls = {"down": 0, "o": 0, "q": 0}
     layer = model.model.layers[0]
-    layer.mlp.down_proj.register_forward_hook(
-        lambda *_: calls.__setitem__("down", calls["down"] + 1)
-    )
-    layer.self_attn.o_proj.register_forward_hook(lambda *_: calls.__setitem__("o", calls["o"] + 1))
+    for key, mod in (
+        ("down", layer.mlp.down_proj),
+        ("o", layer.self_attn.o_proj),
+        ("q", layer.self_attn.q_proj),
+    ):
+        mod.register_forward_hook(lambda *_, _k=key: calls.__setitem__(_k, calls[_k] + 1))
     _run(model, ids)
     batches = 2
     assert calls["down"] == 2 * batches + 1
-    # o_proj: its own stage, the gate/up stage, the down stage, the block outputs
-    assert calls["o"] == 4 * batches + 1
+    # o_proj: its own stage (resumed at self_attn), the gate/up stage, the block outputs
+    assert calls["o"] == 3 * batches + 1
+    # q_proj: the q/k/v stage and the three forwards above
+    assert calls["q"] == 4 * batches + 1
+
+
+def test_resumed_stages_quantize_like_full_forwards(
+    tiny_lm: Callable[[], nn.Module], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GPTQ through the runner gives bit-identical weights whether each stage's forwards
+    start at the block or resume from the cached inputs of a submodule."""
+    import ptq.calibration.runner as runner
+    from ptq.formats import INT4, PerGroup, QuantFormat
+    from ptq.passes.gptq import GPTQPass
+    from ptq.pipeline import PassContext, Pipeline, QuantState
+    from ptq.plan import build_plan
+    from ptq.scheme import Scheme
+
+    scheme = Scheme(name="w4", weight=QuantFormat(INT4, PerGroup(32)), activation=None)
+    ids = torch.randint(0, 320, (4, 16), generator=torch.Generator().manual_seed(4))
+
+    def quantized() -> dict[str, torch.Tensor]:
+        model = tiny_lm()
+        plan = build_plan(model, scheme)
+        ctx = PassContext(calibration=ids, progress=False)
+        Pipeline([GPTQPass()]).run(QuantState(model=model, plan=plan, tokenizer=None), ctx)
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    resumed = quantized()
+    monkeypatch.setattr(runner, "_common_parent", lambda *_a: None)
+    full = quantized()
+    assert resumed.keys() == full.keys()
+    for k in full:
+        assert torch.equal(resumed[k], full[k]), k
