@@ -145,6 +145,14 @@ def best_combination(scheme: str, done: dict[tuple[str, str], float]) -> Row:
 Result = tuple[str, str, float, float]  # scheme, label, ppl, seconds
 
 
+def _row_order(r: Result) -> tuple[int, int]:
+    """Schemes in ``SCHEMES`` order; within one, ``ROWS`` order, then best, then peers."""
+    schemes = list(SCHEMES)
+    labels = [row.label for row in ROWS if row.scheme == r[0]]
+    rank = labels.index(r[1]) if r[1] in labels else (100 if r[1].startswith("best") else 200)
+    return (schemes.index(r[0]) if r[0] in schemes else len(schemes), rank)
+
+
 def table(fp: float, results: list[Result]) -> str:
     rtn = {s: p for s, v, p, _ in results if v == "RTN"}
     lines = [
@@ -152,7 +160,7 @@ def table(fp: float, results: list[Result]) -> str:
         "|---|---|---|---|---|---|---|",
         f"| FP32 | - | {fp:.3f} | 1.000 | - | - | - |",
     ]
-    for s, v, p, sec in results:
+    for s, v, p, sec in sorted(results, key=_row_order):
         r_rtn = f"{p / rtn[s]:.3f}" if s in rtn else "-"
         kept = f"{(p - fp) / (rtn[s] - fp):.2f}" if s in rtn and rtn[s] > fp else "-"
         lines.append(f"| {s} | {v} | {p:.3f} | {p / fp:.3f} | {r_rtn} | {kept} | {sec:.0f} |")

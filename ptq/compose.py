@@ -68,7 +68,7 @@ def build_passes(
             from ptq.passes.lorc import LoRCConfig, LoRCPass
 
             weight = LoRCPass(
-                weight, LoRCConfig(rank=lorc, factor_format=cast(FactorFormat, lorc_format))
+                weight, LoRCConfig(rank=lorc, factor_format=cast("FactorFormat", lorc_format))
             )
         static = scheme.activation is not None and not scheme.activation.dynamic
         inner: list[Pass] = [weight]
@@ -85,7 +85,7 @@ def build_passes(
         if kv_cache is not None:
             from ptq.passes.kv_cache import KVCacheConfig, KVCachePass
 
-            passes.append(KVCachePass(KVCacheConfig(dtype=cast(KVDtype, kv_cache))))
+            passes.append(KVCachePass(KVCacheConfig(dtype=cast("KVDtype", kv_cache))))
     except (ValueError, TypeError) as exc:
         raise PtqUsageError(str(exc)) from None
     return passes

@@ -131,3 +131,39 @@ def test_plan_command(run_cli: Run, tiny_llama: Path) -> None:
     assert r.exit_code == 0, r.output  # type: ignore[attr-defined]
     assert "model.layers.0.self_attn.q_proj" in r.output and "lm_head" in r.output  # type: ignore[attr-defined]
     assert "14 quantized, 2 skipped" in r.output  # type: ignore[attr-defined]
+
+
+def test_quantize_with_lorc_kv_cache_smoothquant(
+    run_cli: Run, tiny_llama: Path, text_file: Path, tmp_path: Path
+) -> None:
+    """The pass options of `ptq quantize` compose end to end: LoRC factors and KV-cache
+    scales land in the safetensors (this command crashed before the options were tested)."""
+    from safetensors import safe_open
+
+    out = tmp_path / "q"
+    r = run_cli(
+        "quantize",
+        str(tiny_llama),
+        "--w4a8",
+        "--smoothquant",
+        "0.5",
+        "--lorc",
+        "4",
+        "--kv-cache",
+        "fp8_e4m3",
+        "--calib",
+        str(text_file),
+        "--calib-samples",
+        "4",
+        "--calib-seqlen",
+        "32",
+        "-o",
+        str(out),
+        "-q",
+    )
+    assert r.exit_code == 0, r.output  # type: ignore[attr-defined]
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert any(k.endswith("weight_lorc_u") for k in keys)
+    assert any(k.endswith("weight_lorc_v") for k in keys)
+    assert any(k.endswith("k_scale") for k in keys) and any(k.endswith("v_scale") for k in keys)
