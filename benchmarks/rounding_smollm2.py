@@ -31,6 +31,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from row_filter import selected
 from torch import nn
 
 from ptq.calibration.text import calibration_batches
@@ -93,13 +94,6 @@ def load_peer_output(path: Path) -> nn.Module:
         path, quantization_config=CompressedTensorsConfig(run_compressed=False)
     )
     return model.float().eval()
-
-
-def selected(only: str, label: str) -> bool:
-    """Whether ``label`` matches one of the comma-separated substrings (all if empty);
-    a pattern ending in ``$`` must match the whole label."""
-    wanted = [w.strip() for w in only.split(",") if w.strip()]
-    return not wanted or any(w[:-1] == label if w.endswith("$") else w in label for w in wanted)
 
 
 def add_row(rows: list[dict[str, object]], row: dict[str, object]) -> None:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from row_filter import selected
 
 from ptq.calibration.text import calibration_batches
 from ptq.compose import build_passes
@@ -165,12 +166,6 @@ def table(fp: float, results: list[Result]) -> str:
         kept = f"{(p - fp) / (rtn[s] - fp):.2f}" if s in rtn and rtn[s] > fp else "-"
         lines.append(f"| {s} | {v} | {p:.3f} | {p / fp:.3f} | {r_rtn} | {kept} | {sec:.0f} |")
     return "\n".join(lines)
-
-
-def selected(only: str, label: str) -> bool:
-    """Whether ``label`` matches one of the comma-separated substrings (all if empty)."""
-    wanted = [w.strip() for w in only.split(",") if w.strip()]
-    return not wanted or any(w in label for w in wanted)
 
 
 def run_peer(python: str, model: Path, scheme: str, calib: Path, eval_ids: Path) -> float:

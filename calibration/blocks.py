@@ -44,9 +44,6 @@ class StopForward(Exception):
     """Raised by a hook to end a forward early (its inputs are recorded)."""
 
 
-_StopForward = StopForward
-
-
 def forward_batch(model: nn.Module, batch: Any) -> Any:
     """One calibration forward: token ids as ``input_ids`` (no KV cache) or a dict of inputs.
 

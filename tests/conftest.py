@@ -165,17 +165,19 @@ def read_json(path: Path) -> dict[str, object]:
 
 
 @pytest.fixture
-def tiny_lm() -> Callable[[], Any]:
-    """Factory of one tiny random Llama (seed 0, 2 layers, hidden 64, fp32, eval mode).
+def tiny_lm() -> Callable[..., Any]:
+    """Factory of one tiny random Llama (2 layers, hidden 64, fp32, eval mode).
 
-    Every call builds the same weights, so a test can compare a quantized copy with an
-    untouched one.
+    ``tiny_lm(seed=0, random_norms=False, **config)``: equal arguments build equal
+    weights, so a test can compare a quantized copy with an untouched one;
+    ``random_norms`` draws RMSNorm scales in [0.25, 1.75] (folding them then matters);
+    ``config`` overrides ``LlamaConfig`` fields (e.g. ``tie_word_embeddings``).
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    def make() -> LlamaForCausalLM:
-        torch.manual_seed(0)
-        cfg = LlamaConfig(
+    def make(seed: int = 0, random_norms: bool = False, **config: Any) -> LlamaForCausalLM:
+        torch.manual_seed(seed)
+        cfg: dict[str, Any] = dict(
             vocab_size=320,
             hidden_size=64,
             intermediate_size=192,
@@ -183,6 +185,12 @@ def tiny_lm() -> Callable[[], Any]:
             num_attention_heads=4,
             num_key_value_heads=2,
         )
-        return LlamaForCausalLM(cfg).float().eval()
+        model = LlamaForCausalLM(LlamaConfig(**(cfg | config))).float().eval()
+        if random_norms:
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if "norm" in name:
+                        p.copy_(torch.rand_like(p) * 1.5 + 0.25)
+        return model
 
     return make

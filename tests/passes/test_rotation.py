@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from ptq.passes.rotation import OnlineHadamardMLP, RotationConfig, RotationPass
 from ptq.passes.rtn import RTNPass
@@ -15,33 +15,14 @@ from ptq.plan import build_plan
 from ptq.qlinear import QuantLinear
 from ptq.scheme import get_scheme
 
-
-def tiny(seed: int = 0, **kw: Any) -> LlamaForCausalLM:
-    cfg: dict[str, Any] = dict(
-        vocab_size=320,
-        hidden_size=64,
-        intermediate_size=192,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,
-    )
-    cfg.update(kw)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**cfg)).float().eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:  # non-trivial RMSNorm scales, so folding matters
-                p.copy_(torch.rand_like(p) * 1.5 + 0.25)
-    return model
+TinyLM = Callable[..., LlamaForCausalLM]
 
 
 @pytest.mark.parametrize("online", [False, True])
 @pytest.mark.parametrize("tied", [True, False])
-def test_rotated_model_same_logits(online: bool, tied: bool) -> None:
+def test_rotated_model_same_logits(online: bool, tied: bool, tiny_lm: TinyLM) -> None:
     ids = torch.randint(0, 320, (2, 48), generator=torch.Generator().manual_seed(0))
-    model = tiny(tie_word_embeddings=tied)
+    model = tiny_lm(random_norms=True, tie_word_embeddings=tied)
     with torch.no_grad():
         ref = model(input_ids=ids).logits
     ctx = PassContext(seed=3)
@@ -59,12 +40,12 @@ def test_rotated_model_same_logits(online: bool, tied: bool) -> None:
         assert torch.equal(layer.input_layernorm.weight, torch.ones(64))
         assert isinstance(layer.mlp, OnlineHadamardMLP) is online
     # the embedding really changed (it is rotated)
-    fresh = tiny(tie_word_embeddings=tied).model.embed_tokens.weight
+    fresh = tiny_lm(random_norms=True, tie_word_embeddings=tied).model.embed_tokens.weight
     assert not torch.allclose(model.model.embed_tokens.weight, fresh)
 
 
-def test_rotation_then_rtn_quantizes_inside_wrapper() -> None:
-    model = tiny(tie_word_embeddings=False)
+def test_rotation_then_rtn_quantizes_inside_wrapper(tiny_lm: TinyLM) -> None:
+    model = tiny_lm(random_norms=True, tie_word_embeddings=False)
     plan = build_plan(model, get_scheme("w4a8"))
     Pipeline([RotationPass(RotationConfig(online_down_proj=True)), RTNPass()]).run(
         QuantState(model=model, plan=plan), PassContext()
@@ -74,8 +55,8 @@ def test_rotation_then_rtn_quantizes_inside_wrapper() -> None:
     assert torch.isfinite(out).all()
 
 
-def test_rotation_after_quantization_is_refused() -> None:
-    model = tiny()
+def test_rotation_after_quantization_is_refused(tiny_lm: TinyLM) -> None:
+    model = tiny_lm(random_norms=True, tie_word_embeddings=True)
     plan = build_plan(model, get_scheme("w8a8"))
     with pytest.raises(ValueError, match="before weight quantization"):
         Pipeline([RTNPass(), RotationPass()]).run(QuantState(model=model, plan=plan), PassContext())

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from ptq.formats import INT8, PerChannel, QuantFormat
 from ptq.passes.rtn import RTNPass
@@ -20,25 +20,7 @@ from ptq.pipeline import PassContext, Pipeline, QuantState
 from ptq.plan import build_plan
 from ptq.scheme import ActivationScheme, get_scheme
 
-
-def tiny(seed: int = 0, **kw: Any) -> LlamaForCausalLM:
-    cfg: dict[str, Any] = dict(
-        vocab_size=320,
-        hidden_size=64,
-        intermediate_size=192,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    cfg.update(kw)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**cfg)).float().eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(torch.rand_like(p) * 1.5 + 0.25)
-    return model
+TinyLM = Callable[..., LlamaForCausalLM]
 
 
 def test_smoothing_factor_formula() -> None:
@@ -52,8 +34,8 @@ def test_smoothing_factor_formula() -> None:
 
 @pytest.mark.parametrize("search", [False, True])
 @pytest.mark.parametrize("kv_heads", [2, 4])
-def test_fp_logits_unchanged(search: bool, kv_heads: int) -> None:
-    model = tiny(num_key_value_heads=kv_heads)
+def test_fp_logits_unchanged(search: bool, kv_heads: int, tiny_lm: TinyLM) -> None:
+    model = tiny_lm(random_norms=True, num_key_value_heads=kv_heads)
     ids = torch.randint(0, 320, (2, 32), generator=torch.Generator().manual_seed(1))
     cal = torch.randint(0, 320, (4, 32), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -83,8 +65,8 @@ def test_smoothing_reduces_quantized_error_with_outlier_channels() -> None:
     assert smoothed < 0.5 * plain
 
 
-def test_smoothquant_then_rtn_pipeline_runs_and_refuses_after_quantization() -> None:
-    model = tiny()
+def test_smoothquant_then_rtn_pipeline_runs_and_refuses_after_quantization(tiny_lm: TinyLM) -> None:
+    model = tiny_lm(random_norms=True)
     cal = torch.randint(0, 320, (4, 16))
     plan = build_plan(model, get_scheme("w8a8"))
     state = QuantState(model=model, plan=plan)
