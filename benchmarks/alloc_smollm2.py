@@ -9,6 +9,11 @@ Britannica tokens (``default_eval_file()``), 512-token windows. Identical alloca
 are evaluated once. The table and its plot (``--out`` with ``.png``) are rewritten after every
 evaluation (partial results survive an interrupted run).
 
+With ``--latency-caps 1.1,1.25`` every budget is also a modelled-latency cap (a multiple
+of uniform INT4 g64's latency under ``--kernel-efficiency``, default ``h200-ptq-fp16``:
+ptq's own kernels measured on an H200): size and latency are two rows of one integer
+program, where the greedy baseline (best of four pricing rules) is no longer exact.
+
 Candidates avoid INT4 asymmetric g32: SmolLM2's weights (from a Q4_1 GGUF) already sit
 on that grid, which would make it lossless. ``int4_g128`` only fits ``down_proj``
 (K = 1536; 576 is not a multiple of 128).
@@ -16,6 +21,8 @@ on that grid, which would make it lossless. ``int4_g128`` only fits ``down_proj`
 Usage::
 
     .venv/bin/python benchmarks/alloc_smollm2.py [--estimator fisher] [--out PATH]
+    .venv/bin/python benchmarks/alloc_smollm2.py --latency-caps 1.1,1.25 \
+        --out benchmarks/results/alloc_smollm2_latency.md
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ from ptq.passes.allocation import (
     solve_ilp,
     uniform_allocations,
 )
+from ptq.passes.allocation.kernel_efficiency import parse_latency_model
 from ptq.passes.allocation.measure import MeasureConfig, cached_sensitivity
 from ptq.passes.bit_allocation import DEFAULT_TIES, apply_allocation, tied_groups
 from ptq.passes.rtn import RTNPass
@@ -53,6 +61,7 @@ from ptq.scheme import get_scheme
 CANDIDATES = "int8_channel,fp8,int4_g128,int4_g64,nvfp4,mxfp4,int3_g64,fp16"
 BUDGETS = (4.25, 4.5, 5.0, 6.0)
 RESULTS = Path(__file__).parent / "results"
+Row = tuple[str, str, Allocation]  # (budget label, method label, allocation)
 
 
 def key(a: Allocation) -> tuple[tuple[str, str], ...]:
@@ -75,7 +84,15 @@ def main() -> None:
         help="Candidates the allocators choose among: a subset of the measured ones "
         "(sensitivities are always measured, and cached, for all of them).",
     )
+    ap.add_argument(
+        "--latency-caps",
+        default="",
+        help="Comma-separated multiples of uniform int4_g64's modelled latency; each bits "
+        "budget is solved under each cap too (empty: size budgets only).",
+    )
+    ap.add_argument("--kernel-efficiency", default="h200-ptq-fp16")
     args = ap.parse_args()
+    caps = [float(c) for c in args.latency_caps.split(",") if c.strip()]
     torch.set_num_threads(1)
     t0 = time.time()
     source = resolve_model(args.model, quiet=True)
@@ -98,22 +115,35 @@ def main() -> None:
     unknown = sorted({c.name for c in chosen} - {c.name for c in cands})
     if unknown:
         ap.error(f"--candidates {unknown} are not measured; choose from {CANDIDATES}")
-    problem = build_problem(table, chosen, tied=tied_groups(layers, DEFAULT_TIES))
+    problem = build_problem(
+        table,
+        chosen,
+        latency=parse_latency_model(args.kernel_efficiency),
+        tied=tied_groups(layers, DEFAULT_TIES),
+        unit="bytes",
+    )
     uniform = uniform_allocations(problem)
-    rows: list[tuple[float, str, Allocation]] = []
+    ref = next((u.seconds for u in uniform if u.choice[layers[0]] == "int4_g64"), None)
+    if caps and ref is None:
+        ap.error("--latency-caps are multiples of uniform int4_g64: include it in --candidates")
+    rows: list[Row] = []
     for b in BUDGETS:
-        rows.append((b, "ILP", solve_ilp(problem, f"{b}bits")))
-        rows.append((b, "greedy", solve_greedy(problem, f"{b}bits")))
-        for u in uniform:
-            if u.bits_per_weight <= b + 1e-9:
-                rows.append((b, f"uniform {next(iter(u.choice.values()))}", u))
+        for cap in caps or [None]:
+            label = f"{b}" if cap is None else f"{b} & {cap}x"
+            limits = [f"{b}bits"] + ([] if cap is None else [f"{cap * ref}s"])  # type: ignore[operator]
+            rows.append((label, "ILP", solve_ilp(problem, limits)))
+            rows.append((label, "greedy", solve_greedy(problem, limits)))
+            for u in uniform:
+                fast = cap is None or u.seconds <= cap * ref  # type: ignore[operator]
+                if u.bits_per_weight <= b + 1e-9 and fast:
+                    rows.append((label, f"uniform {next(iter(u.choice.values()))}", u))
     ids = tokenize_eval_text(tok, default_eval_file(), args.eval_tokens)
     ppl: dict[tuple[tuple[str, str], ...], float] = {}
     fp_ppl: list[float] = []
     # ILP first, then the uniform schemes, then greedy: the comparison that matters first.
     order = sorted(
         rows, key=lambda r: (r[1] != "ILP", r[1] == "greedy", r[2].bits_per_weight < 4, r[0])
-    )
+    )  # stable: budgets stay in table order
     tasks: list[Allocation | None] = []
     for _, _, a in order:
         if all(t is None or key(t) != key(a) for t in tasks):
@@ -160,7 +190,7 @@ def main() -> None:
             print(
                 f"{labels}: {a.bits_per_weight:.4f} bpw  ppl {value:.4f} ({secs:.0f} s)", flush=True
             )
-        write(args, rows, ppl, fp_ppl, measure_s, hit, time.time() - t0)
+        write(args, rows, ppl, fp_ppl, measure_s, hit, time.time() - t0, ref)
     for p in procs:
         p.join()
     print(args.out.read_text())
@@ -168,14 +198,16 @@ def main() -> None:
 
 def write(
     args: argparse.Namespace,
-    rows: list[tuple[float, str, Allocation]],
+    rows: list[Row],
     ppl: dict[tuple[tuple[str, str], ...], float],
     fp_ppl: list[float],
     measure_s: float,
     hit: bool,
     elapsed: float,
+    ref: float | None,
 ) -> None:
     """Markdown table (ILP vs best uniform vs greedy per budget) and the Pareto plot."""
+    capped = any("&" in r[0] for r in rows)
     lines = [
         "# Mixed-precision bit allocation on SmolLM2-135M",
         "",
@@ -185,11 +217,21 @@ def write(
         f"{args.seqlen}-token windows. "
         + (f"FP perplexity: {fp_ppl[0]:.4f}." if fp_ppl else "FP perplexity: (pending)."),
         "",
-        "| budget (bits/w) | ILP bpw | ILP ppl | best uniform (bpw) | uniform ppl | greedy bpw "
-        "| greedy ppl | ILP / uniform | ILP / greedy | predicted dL ILP / greedy |",
-        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for b in BUDGETS:
+    if capped and ref is not None:
+        lines += [
+            f"Budgets `B & Cx`: at most B bits/weight *and* a modelled batch-1 decode latency "
+            f"of at most C x uniform int4_g64's ({ref * 1e6:.2f} us for the budgeted layers, "
+            f"kernel efficiencies `{args.kernel_efficiency}`). Latency columns: x int4_g64.",
+            "",
+        ]
+    lines += [
+        "| budget (bits/w) | ILP bpw | ILP ppl | best uniform (bpw) | uniform ppl | greedy bpw "
+        "| greedy ppl | ILP / uniform | ILP / greedy | predicted dL ILP / greedy |"
+        + (" latency ILP / greedy |" if capped else ""),
+        "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if capped else ""),
+    ]
+    for b in dict.fromkeys(r[0] for r in rows):
         sel = [r for r in rows if r[0] == b]
         ilp = next(a for _, lab, a in sel if lab == "ILP")
         gr = next(a for _, lab, a in sel if lab == "greedy")
@@ -207,6 +249,11 @@ def write(
             f"{gr.bits_per_weight:.4f} | {f(p_g)} | "
             f"{f(p_i / p_u) if p_i and p_u else '-'} | {f(p_i / p_g) if p_i and p_g else '-'} | "
             f"{ilp.objective:.4f} / {gr.objective:.4f} |"
+            + (
+                f" {ilp.seconds / ref:.3f} / {gr.seconds / ref:.3f} |"  # type: ignore[operator]
+                if capped and ref
+                else ""
+            )
         )
     lines += ["", "Uniform schemes evaluated:", ""]
     seen: set[str] = set()
@@ -225,18 +272,23 @@ def write(
 
 def plot(
     path: Path,
-    rows: list[tuple[float, str, Allocation]],
+    rows: list[Row],
     ppl: dict[tuple[tuple[str, str], ...], float],
     fp_ppl: list[float],
 ) -> None:
     fig = Figure(figsize=(7, 4.5))
     ax = fig.add_subplot()
-    for label, style in (("ILP", "o-"), ("greedy", "s--")):
-        pts = sorted(
-            (a.bits_per_weight, ppl[key(a)]) for _, lab, a in rows if lab == label and key(a) in ppl
-        )
-        if pts:
-            ax.plot(*zip(*pts, strict=True), style, label=f"{label} allocation")
+    caps = dict.fromkeys(b.partition(" & ")[2] for b, _, _ in rows)
+    for cap in caps:
+        for label, style in (("ILP", "o-"), ("greedy", "s--")):
+            pts = sorted(
+                (a.bits_per_weight, ppl[key(a)])
+                for b, lab, a in rows
+                if lab == label and key(a) in ppl and b.partition(" & ")[2] == cap
+            )
+            if pts:
+                name = f"{label} allocation" + (f" (latency <= {cap} int4_g64)" if cap else "")
+                ax.plot(*zip(*pts, strict=True), style, label=name)
     done: set[str] = set()
     for _, lab, a in rows:
         if lab.startswith("uniform") and lab not in done and key(a) in ppl:

@@ -37,6 +37,11 @@ DEFAULT_TIES: tuple[tuple[str, ...], ...] = (
 class BitAllocationConfig:
     """Args:
     budget: ``"4.5bits"``, ``"70MB"`` or a latency ``"2ms"`` (roofline model).
+    latency_budget: A latency (``"0.05ms"``) that must hold *as well as* a size
+        ``budget``: both are rows of one integer program.
+    kernel_efficiency: Latency model: a preset (``h200-ptq-fp16``, ``roofline``), a
+        JSON file or an inline table (:mod:`ptq.passes.allocation.kernel_efficiency`);
+        None: ``roofline`` (every kernel at peak bandwidth).
     candidates: Comma-separated candidate names (see ``ptq.passes.allocation.registry``).
     estimator: ``fisher`` (default), ``hessian``, ``loss`` or ``kl``.
     samples, seqlen: Calibration subset used for measuring.
@@ -49,6 +54,8 @@ class BitAllocationConfig:
     """
 
     budget: str
+    latency_budget: str | None = None
+    kernel_efficiency: str | None = None
     candidates: str = DEFAULT_CANDIDATES
     estimator: Estimator = "fisher"
     samples: int = 8
@@ -60,8 +67,18 @@ class BitAllocationConfig:
 
     def __post_init__(self) -> None:
         from ptq.passes.allocation import parse_budget, parse_candidates
+        from ptq.passes.allocation.kernel_efficiency import parse_latency_model
 
-        parse_budget(self.budget)
+        main = parse_budget(self.budget)
+        if self.latency_budget is not None:
+            if parse_budget(self.latency_budget).kind != "seconds":
+                raise ValueError(f"latency budget {self.latency_budget!r} must be a time (2ms)")
+            if main.kind == "seconds":
+                raise ValueError(
+                    f"budget {self.budget!r} and latency budget {self.latency_budget!r} are "
+                    "both latencies; give a size (4.5bits, 70MB) and a latency"
+                )
+        parse_latency_model(self.kernel_efficiency)
         parse_candidates(self.candidates)
         self.measure_config()
         if self.method not in ("ilp", "greedy"):
@@ -127,7 +144,6 @@ class BitAllocationPass(Pass):
     def run(self, state: QuantState, ctx: PassContext) -> None:
         from ptq.calibration.blocks import find_blocks
         from ptq.passes.allocation import (
-            LatencyModel,
             allowed_by_pattern,
             at_least_bits,
             build_problem,
@@ -136,6 +152,7 @@ class BitAllocationPass(Pass):
             solve_greedy,
             solve_ilp,
         )
+        from ptq.passes.allocation.kernel_efficiency import parse_latency_model
         from ptq.passes.allocation.measure import cached_sensitivity, supported
 
         cfg = self.config
@@ -172,22 +189,30 @@ class BitAllocationPass(Pass):
         )
         print(f"sensitivities ({cfg.estimator}) {'loaded from' if hit else 'saved to'} {path}")
         budget = parse_budget(cfg.budget)
-        latency = LatencyModel() if budget.kind == "seconds" else None
+        timed = budget.kind == "seconds" or cfg.latency_budget is not None
+        latency = parse_latency_model(cfg.kernel_efficiency) if timed else None
+        budgets = [budget] + ([parse_budget(cfg.latency_budget)] if cfg.latency_budget else [])
         allowed: dict[str, frozenset[str]] = {}
         if cfg.min_bits_first_last is not None:
             keep = at_least_bits(cands, cfg.min_bits_first_last)
             ends = [re.escape(layers[0]), re.escape(layers[-1])]
             allowed = allowed_by_pattern(layers, dict.fromkeys(ends, keep))
         problem = build_problem(
-            table, cands, latency=latency, allowed=allowed, tied=tied_groups(layers, cfg.tie)
+            table,
+            cands,
+            latency=latency,
+            allowed=allowed,
+            tied=tied_groups(layers, cfg.tie),
+            unit="seconds" if budget.kind == "seconds" else "bytes",
         )
         solve = solve_ilp if cfg.method == "ilp" else solve_greedy
-        alloc = solve(problem, budget)
+        alloc = solve(problem, budgets)
         apply_allocation(state.plan, alloc.choice, cands)
         lorc = {n: c for n, c in alloc.choice.items() if "+lorc" in c}
         ctx.records["allocation"] = {
             **alloc.to_dict(),
             "estimator": cfg.estimator,
+            "kernel_efficiency": cfg.kernel_efficiency,
             "candidates": [c.name for c in cands],
             "excluded": excluded,
             "sensitivity_file": None if path is None else str(path),
@@ -195,9 +220,10 @@ class BitAllocationPass(Pass):
                 n: {"rank": _cand(cands, c).lorc_rank, "candidate": c} for n, c in lorc.items()
             },
         }
+        timing = "" if alloc.seconds is None else f", modelled {alloc.seconds * 1e3:.4g} ms"
         print(
             f"allocation ({alloc.method}, {alloc.status}): {alloc.bits_per_weight:.4f} bits/weight, "
-            f"{alloc.total_bytes:,} bytes, predicted dL {alloc.objective:.4g}"
+            f"{alloc.total_bytes:,} bytes{timing}, predicted dL {alloc.objective:.4g}"
         )
         if ctx.progress:
             for layer, cname in alloc.choice.items():

@@ -279,6 +279,7 @@ def quantize(
     quiet: bool,
     budget: str | None,
     budget_latency: str | None,
+    kernel_efficiency: str | None,
     candidates: str,
     estimator: str,
     **scheme_kw: Any,
@@ -296,6 +297,10 @@ def quantize(
         if v is not None
     }
     cal = CalibrationConfig(path=calib, samples=calib_samples, seqlen=calib_seqlen)
+    if recipe is not None and (budget or budget_latency):
+        raise PtqUsageError(
+            "--budget/--budget-latency with --recipe: put a bit_allocation pass in the recipe"
+        )
     if recipe is not None:
         from ptq.recipe import load_recipe
 
@@ -314,7 +319,11 @@ def quantize(
         )
     else:
         from ptq.compose import build_passes
+        from ptq.passes.allocation.cli import allocation_pass_from_cli
 
+        allocation = allocation_pass_from_cli(
+            budget, budget_latency, candidates, estimator, kernel_efficiency=kernel_efficiency
+        )
         has_scheme = any(scheme_kw[k] for k in ("scheme_flags", "scheme_name", "weight_format"))
         if (budget or budget_latency) and not has_scheme:
             scheme_kw["scheme_name"] = "w4a16"  # the allocation decides the formats
@@ -332,6 +341,7 @@ def quantize(
             lorc=lorc,
             bias_correction=bias_correction,
             kv_cache=kv_cache,
+            allocation=allocation,
         )
     from ptq.calibration.distributed import DistributedContext
     from ptq.models.source import resolve_model

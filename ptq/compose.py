@@ -1,8 +1,10 @@
 """Compose the standard pipeline from CLI-style options (the same for the Python API).
 
-Order: ``[rotation] [smoothquant] weight-pass (wrapped by LoRC / bias correction)
-[act_calibration for static activations] [kv_cache]``: transforms that reshape the FP
-model run first, the weight pass quantizes, calibration of static scales follows.
+Order: ``[rotation] [smoothquant] [bit_allocation] weight-pass (wrapped by LoRC / bias
+correction) [act_calibration for static activations] [kv_cache]``: transforms that
+reshape the FP model run first, the allocation measures sensitivities of the transformed
+weights and sets each layer's format, the weight pass quantizes, calibration of static
+scales follows.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ def build_passes(
     lorc_format: str = "fp16",
     bias_correction: bool = False,
     kv_cache: str | None = None,
+    allocation: Pass | None = None,
 ) -> list[Pass]:
     """Passes for a ``ptq quantize`` command line.
 
@@ -45,6 +48,13 @@ def build_passes(
         lorc_format: Storage of the LoRC factors.
         bias_correction: Re-estimate biases for activation-quantized layers.
         kv_cache: ``fp8_e4m3`` or ``int8`` KV-cache quantization, or None.
+        allocation: A :class:`~ptq.passes.bit_allocation.BitAllocationPass` (mixed
+            precision within a budget); the weight pass is then wrapped so that LoRC
+            candidates the allocation picks get their factors.
+
+    Raises:
+        PtqUsageError: bad options, or ``lorc`` with ``allocation`` (the allocation
+            chooses LoRC per layer through ``+lorc`` candidates).
     """
     from ptq.passes.registry import make_weight_pass
 
@@ -64,6 +74,16 @@ def build_passes(
             )
             passes.append(SmoothQuantPass(cfg))
         weight = make_weight_pass(method, **(knobs or {}))
+        if allocation is not None:
+            from ptq.passes.bit_allocation import AllocatedLoRCPass
+
+            if lorc is not None:
+                raise ValueError(
+                    "--lorc with a budget: let the allocation choose LoRC per layer with "
+                    "'+lorc' candidates (e.g. --candidates int4_g64,int4_g64+lorc16,fp16)"
+                )
+            passes.append(allocation)
+            weight = AllocatedLoRCPass(weight)
         if lorc is not None:
             from ptq.passes.lorc import LoRCConfig, LoRCPass
 

@@ -167,3 +167,42 @@ def test_quantize_with_lorc_kv_cache_smoothquant(
     assert any(k.endswith("weight_lorc_u") for k in keys)
     assert any(k.endswith("weight_lorc_v") for k in keys)
     assert any(k.endswith("k_scale") for k in keys) and any(k.endswith("v_scale") for k in keys)
+
+
+def test_quantize_with_budget_mixes_formats(
+    run_cli: Run, tiny_llama: Path, text_file: Path, tmp_path: Path
+) -> None:
+    """`--budget` runs the allocation before the weight pass (it was once parsed and then
+    ignored): the export holds more than one weight format, within the budget, and a size
+    budget with a latency cap is solved as one program."""
+    common = [
+        "--candidates", "int8_channel,int4_g32,fp16", "--estimator", "hessian",
+        "--calib", str(text_file), "--calib-samples", "2", "--calib-seqlen", "32", "-q",
+    ]  # fmt: skip
+    out = tmp_path / "q"
+    r = run_cli("quantize", str(tiny_llama), "--budget", "6bits", *common, "-o", str(out))
+    assert r.exit_code == 0, r.output  # type: ignore[attr-defined]
+    assert "allocation (ilp, optimal)" in r.output  # type: ignore[attr-defined]
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    kinds = {
+        (g["weights"]["num_bits"], g["weights"]["strategy"]) for g in qc["config_groups"].values()
+    }
+    assert len(kinds) >= 2, kinds
+    line = next(ln for ln in r.output.splitlines() if ln.startswith("allocation"))  # type: ignore[attr-defined]
+    assert float(line.split("): ")[1].split()[0]) <= 6.0
+    capped = tmp_path / "capped"
+    r = run_cli(
+        "quantize", str(tiny_llama), "--budget", "6bits", "--budget-latency", "1s",
+        "--kernel-efficiency", "h200-ptq-fp16", *common, "-o", str(capped),
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output  # type: ignore[attr-defined]
+    assert "modelled" in r.output  # type: ignore[attr-defined]
+    r = run_cli(
+        "quantize", str(tiny_llama), "--budget", "6bits", "--budget-latency", "1e-12s",
+        *common, "-o", str(tmp_path / "never"),
+    )  # fmt: skip
+    _fails(r, "infeasible")
+    assert not (tmp_path / "never").exists()
+    r = run_cli("quantize", str(tiny_llama), "--budget", "6bits", "--lorc", "4", *common,
+                "-o", str(tmp_path / "lorc"))  # fmt: skip
+    _fails(r, "+lorc")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 
 from ptq.formats import QuantFormat
 from ptq.formats.scales import SCALE_BITS
@@ -137,8 +138,8 @@ class LatencyModel:
 
     Args:
         bandwidth: Bytes per second (default: one H200, 4.8 TB/s).
-        efficiency: Fraction of ``bandwidth`` the kernel for each candidate (by name)
-            reaches; names absent from the table get ``default_efficiency``.
+        efficiency: Fraction of ``bandwidth`` the kernel for each candidate reaches,
+            by candidate name or glob pattern (``int4_*``); see :meth:`eff`.
         default_efficiency: Efficiency of candidates not in ``efficiency``.
     """
 
@@ -153,7 +154,17 @@ class LatencyModel:
             if not (eff > 0 and math.isfinite(eff)):
                 raise ValueError(f"efficiency of {name!r} must be positive and finite: {eff}")
 
+    def eff(self, name: str) -> float:
+        """Efficiency of candidate ``name``: its exact entry, else the first glob key
+        (in table order) that matches it, else ``default_efficiency``."""
+        if name in self.efficiency:
+            return self.efficiency[name]
+        for key, value in self.efficiency.items():
+            if fnmatchcase(name, key):
+                return value
+        return self.default_efficiency
+
     def seconds(self, candidate: Candidate, out_features: int, in_features: int) -> float:
         """Modelled time to stream this layer's weight once, in seconds."""
-        eff = self.efficiency.get(candidate.name, self.default_efficiency)
+        eff = self.eff(candidate.name)
         return candidate_bytes(candidate, out_features, in_features) / self.bandwidth / eff

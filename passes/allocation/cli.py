@@ -51,7 +51,8 @@ def parse_sweep(text: str) -> list[float]:
 
 
 def budget_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``--budget``, ``--budget-latency``, ``--candidates``, ``--estimator`` for ``quantize``."""
+    """``--budget``, ``--budget-latency``, ``--kernel-efficiency``, ``--candidates``,
+    ``--estimator`` for ``quantize``."""
     from ptq.passes.bit_allocation import DEFAULT_CANDIDATES
 
     fn = click.option(
@@ -68,9 +69,15 @@ def budget_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         help="Formats the allocation chooses among (fp16 = keep a layer dense).",
     )(fn)
     fn = click.option(
+        "--kernel-efficiency",
+        default=None,
+        help=KERNEL_EFFICIENCY_HELP,
+    )(fn)
+    fn = click.option(
         "--budget-latency",
         default=None,
-        help="Mixed precision within a modelled decode latency, e.g. 2ms (H200 roofline).",
+        help="Mixed precision within a modelled decode latency, e.g. 0.05ms; with --budget "
+        "both must hold.",
     )(fn)
     fn = click.option(
         "--budget",
@@ -80,27 +87,37 @@ def budget_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+KERNEL_EFFICIENCY_HELP = (
+    "Latency model for latency budgets: fraction of HBM bandwidth each candidate's kernel "
+    "reaches. A preset (h200-ptq-fp16: ptq's kernels measured on an H200; roofline: all "
+    "at peak, the default), a JSON file, or NAME=EFF,... with globs (int4_*=0.31)."
+)
+
+
 def allocation_pass_from_cli(
     budget: str | None,
     budget_latency: str | None,
     candidates: str,
     estimator: str,
     *,
+    kernel_efficiency: str | None = None,
     cache_dir: Path | None = None,
 ) -> Pass | None:
     """The :class:`~ptq.passes.bit_allocation.BitAllocationPass` for ``ptq quantize``'s
-    budget options, or None when neither budget is given.
+    budget options, or None when neither budget is given. With both, ``budget`` bounds
+    the size and ``budget_latency`` the modelled latency, in one integer program.
 
     Raises:
-        PtqUsageError: both budgets, a budget of the wrong kind, or bad candidates.
+        PtqUsageError: a budget of the wrong kind, a bad kernel-efficiency table, or
+            bad candidates.
     """
     from ptq.passes.allocation import parse_budget
     from ptq.passes.bit_allocation import BitAllocationConfig, BitAllocationPass
 
+    if kernel_efficiency is not None and budget_latency is None:
+        raise PtqUsageError("--kernel-efficiency models latency: it needs --budget-latency")
     if budget is None and budget_latency is None:
         return None
-    if budget is not None and budget_latency is not None:
-        raise PtqUsageError("give --budget or --budget-latency, not both")
     try:
         if budget is not None and parse_budget(budget).kind == "seconds":
             raise ValueError(f"--budget {budget!r} is a latency; use --budget-latency")
@@ -108,6 +125,8 @@ def allocation_pass_from_cli(
             raise ValueError(f"--budget-latency {budget_latency!r} must be a time such as 2ms")
         config = BitAllocationConfig(
             budget=budget or str(budget_latency),
+            latency_budget=budget_latency if budget is not None else None,
+            kernel_efficiency=kernel_efficiency,
             candidates=candidates,
             estimator=estimator,  # type: ignore[arg-type]  # click.Choice
             cache_dir=cache_dir,
@@ -142,6 +161,12 @@ def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option(
     "--budget", default=None, help="Budget described layer by layer (default: mid-sweep)."
 )
+@click.option(
+    "--budget-latency",
+    default=None,
+    help="Modelled-latency cap every allocation must meet too, e.g. 0.05ms.",
+)
+@click.option("--kernel-efficiency", default=None, help=KERNEL_EFFICIENCY_HELP)
 @click.option("--min-bits-first-last", type=int, default=None, help="First/last layer bit floor.")
 @click.option("--no-tie", is_flag=True, help="Do not tie q/k/v and gate/up.")
 @click.option("--ignore", multiple=True, help="Layers left out (default: lm_head).")
@@ -164,6 +189,8 @@ def allocate(
     estimator: str,
     sweep: str,
     budget: str | None,
+    budget_latency: str | None,
+    kernel_efficiency: str | None,
     min_bits_first_last: int | None,
     no_tie: bool,
     ignore: tuple[str, ...],
@@ -185,13 +212,13 @@ def allocate(
     from ptq.passes.allocation import (
         InfeasibleBudgetError,
         build_problem,
+        parse_budget,
         parse_candidates,
         solve_ilp,
         uniform_allocations,
     )
-    from ptq.passes.allocation import (
-        sweep as run_sweep,
-    )
+    from ptq.passes.allocation import sweep as run_sweep
+    from ptq.passes.allocation.kernel_efficiency import parse_latency_model
     from ptq.passes.allocation.measure import MeasureConfig, cached_sensitivity, supported
     from ptq.passes.bit_allocation import DEFAULT_CANDIDATES, DEFAULT_TIES, tied_groups
     from ptq.plan import build_plan
@@ -211,6 +238,13 @@ def allocate(
             seqlen=calib_seqlen,
         )
         scheme = get_scheme("w4a16").with_overrides(ignore=ignore or None)
+        also = [parse_budget(budget_latency)] if budget_latency else []
+        if any(b.kind != "seconds" for b in also):
+            raise ValueError(f"--budget-latency {budget_latency!r} must be a time such as 0.05ms")
+        if budget is not None and parse_budget(budget).kind == "seconds":
+            raise ValueError(f"--budget {budget!r} is a latency; use --budget-latency")
+        timed = budget_latency is not None or kernel_efficiency is not None
+        latency = parse_latency_model(kernel_efficiency) if timed else None
     except ValueError as exc:
         raise PtqUsageError(str(exc)) from None
     for msg in excluded:
@@ -231,17 +265,20 @@ def allocate(
         problem = build_problem(
             table,
             cands,
+            latency=latency,
             allowed=_first_last(layers, cands, min_bits_first_last),
             tied=() if no_tie else tied_groups(layers, DEFAULT_TIES),
+            unit="bytes",
         )
-        frontier = run_sweep(problem, [f"{b}bits" for b in bits], skip_infeasible=True)
-        chosen = solve_ilp(problem, budget) if budget else None
+        frontier = run_sweep(problem, [f"{b}bits" for b in bits], skip_infeasible=True, also=also)
+        chosen = solve_ilp(problem, [budget, *also]) if budget else None
     except (InfeasibleBudgetError, ValueError) as exc:
         raise PtqUsageError(str(exc)) from None
     if not frontier and chosen is None:
         raise PtqUsageError(
             f"every budget of --sweep {sweep} is infeasible (cheapest: "
-            f"{8 * problem.min_cost() / problem.n_weights:.4g} bits/weight)"
+            f"{8 * problem.min_cost() / problem.n_weights:.4g} bits/weight"
+            + (f"; with --budget-latency {budget_latency})" if also else ")")
         )
     chosen = chosen or frontier[len(frontier) // 2]
     uniform = uniform_allocations(problem)
@@ -285,6 +322,8 @@ def allocate(
     (output / "allocations.json").write_text(json.dumps(summary, indent=1))
     for a in frontier:
         extra = f"  ppl {ppl[_key(a)]:.4f}" if ppl else ""
+        if a.seconds is not None:
+            extra = f"  {a.seconds * 1e3:.4g} ms" + extra
         click.echo(f"{a.bits_per_weight:7.4f} bits/weight  dL {a.objective:.4g}{extra}")
     click.echo(f"wrote {files.markdown}, {files.pareto_png.name}, {files.layers_png.name}")
 

@@ -43,6 +43,9 @@ class AllocationProblem:
         allowed: ``[l, c]`` bool, every constraint applied (ties included).
         units: Partition of layer indices into decision units (tied groups, singletons).
         shapes: ``(N, K)`` per layer.
+        seconds: Modelled latency ``[l, c]`` when built with a latency model (else None);
+            lets a latency budget constrain a problem whose ``unit`` is bytes, and both
+            at once (:func:`~ptq.passes.allocation.solver.solve_ilp` with two budgets).
     """
 
     layers: tuple[str, ...]
@@ -54,11 +57,12 @@ class AllocationProblem:
     allowed: np.ndarray = field(repr=False)
     units: tuple[tuple[int, ...], ...]
     shapes: tuple[tuple[int, int], ...]
+    seconds: np.ndarray | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         want = (len(self.layers), len(self.candidates))
-        for name in ("loss", "nbytes", "cost", "allowed"):
-            if getattr(self, name).shape != want:
+        for name in ("loss", "nbytes", "cost", "allowed", "seconds"):
+            if getattr(self, name) is not None and getattr(self, name).shape != want:
                 raise ValueError(f"{name} has shape {getattr(self, name).shape}, expected {want}")
         if len(self.shapes) != len(self.layers):
             raise ValueError(f"need one shape per layer: {len(self.shapes)} != {len(self.layers)}")
@@ -81,20 +85,38 @@ class AllocationProblem:
     def names(self) -> tuple[str, ...]:
         return tuple(c.name for c in self.candidates)
 
+    def cost_in(self, unit: CostUnit) -> np.ndarray:
+        """The ``[l, c]`` cost matrix in ``unit``: ``nbytes``, or ``seconds``.
+
+        Raises:
+            ValueError: ``seconds`` asked of a problem built without a latency model.
+        """
+        if unit == "bytes":
+            return self.nbytes
+        if self.seconds is None:
+            raise ValueError(
+                "a latency budget needs a latency model: build the problem with "
+                "latency=LatencyModel(...) (CLI: --kernel-efficiency)"
+            )
+        return self.seconds
+
+    def per_unit(self, matrix: np.ndarray) -> np.ndarray:
+        """``matrix [l, c]`` summed over each decision unit's members -> ``[U, C]``
+        (entries a unit may not take are summed as 0; mask them with ``unit_matrices``)."""
+        return np.stack(
+            [np.where(self.allowed[list(u)], matrix[list(u)], 0).sum(0) for u in self.units]
+        )
+
     def unit_matrices(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per unit: summed loss, summed cost, allowed mask (each ``[U, C]``)."""
-        loss = np.stack(
-            [np.where(self.allowed[list(u)], self.loss[list(u)], 0).sum(0) for u in self.units]
-        )
-        cost = np.stack(
-            [np.where(self.allowed[list(u)], self.cost[list(u)], 0).sum(0) for u in self.units]
-        )
         ok = np.stack([self.allowed[list(u)].all(0) for u in self.units])
-        return loss, cost, ok
+        return self.per_unit(self.loss), self.per_unit(self.cost), ok
 
-    def min_cost(self) -> float:
-        """Cheapest achievable cost: every unit at its cheapest allowed candidate."""
-        _, cost, ok = self.unit_matrices()
+    def min_cost(self, unit: CostUnit | None = None) -> float:
+        """Cheapest achievable cost in ``unit`` (default: ``self.unit``): every unit at
+        its cheapest allowed candidate for that cost alone."""
+        _, _, ok = self.unit_matrices()
+        cost = self.per_unit(self.cost if unit is None else self.cost_in(unit))
         return float(np.where(ok, cost, np.inf).min(axis=1).sum())
 
 
@@ -105,13 +127,16 @@ def build_problem(
     latency: LatencyModel | None = None,
     allowed: Mapping[str, Collection[str]] | None = None,
     tied: Sequence[Sequence[str]] = (),
+    unit: CostUnit = "seconds",
 ) -> AllocationProblem:
     """Assemble an :class:`AllocationProblem` from measured sensitivities.
 
     Args:
         table: ``dL`` per (layer, candidate name) and layer shapes.
         candidates: Candidates to choose among; each name must be a table column.
-        latency: Budget modelled seconds with this roofline instead of bytes.
+        latency: Model each pair's latency with this roofline (``problem.seconds``).
+        unit: With ``latency``, the primary cost (``cost``, and how bare numeric
+            budgets are read): ``seconds`` (default) or ``bytes``. Without it: bytes.
         allowed: ``{layer: candidate names}`` the layer may take (others: all).
         tied: Groups of layers that must take the same candidate (overlaps are merged).
 
@@ -132,10 +157,10 @@ def build_problem(
         for j, cand in enumerate(candidates):
             with contextlib.suppress(ValueError):  # does not fit this shape: not allowed
                 nbytes[i, j] = candidate_bytes(cand, n, k)
-    cost = nbytes.copy()
+    seconds = None
     if latency is not None:
-        cost = nbytes / latency.bandwidth
-        cost /= np.array([latency.efficiency.get(n, latency.default_efficiency) for n in names])
+        seconds = nbytes / latency.bandwidth / np.array([latency.eff(n) for n in names])
+    cost = nbytes.copy() if seconds is None or unit == "bytes" else seconds.copy()
     ok = ~np.isnan(loss) & ~np.isnan(nbytes)
     for i, layer in enumerate(table.layers):
         if not ok[i].any():
@@ -164,10 +189,11 @@ def build_problem(
         loss=loss,
         nbytes=nbytes,
         cost=cost,
-        unit="seconds" if latency is not None else "bytes",
+        unit="seconds" if seconds is not None and unit == "seconds" else "bytes",
         allowed=ok,
         units=units,
         shapes=table.shapes,
+        seconds=seconds,
     )
 
 

@@ -45,8 +45,18 @@ def test_allocation_pass_from_cli(tmp_path: Path) -> None:
     assert p.config.estimator == "hessian" and p.config.cache_dir == tmp_path
     lat = allocation_pass_from_cli(None, "2ms", "int4_g32,fp16", "fisher")
     assert isinstance(lat, BitAllocationPass) and lat.config.budget == "2ms"
+    assert lat.config.latency_budget is None
+    both = allocation_pass_from_cli(
+        "4bits", "2ms", "int4_g32,fp16", "fisher", kernel_efficiency="h200-ptq-fp16"
+    )
+    assert isinstance(both, BitAllocationPass)
+    assert (both.config.budget, both.config.latency_budget) == ("4bits", "2ms")
+    assert both.config.kernel_efficiency == "h200-ptq-fp16"
+    with pytest.raises(PtqUsageError, match="needs --budget-latency"):
+        allocation_pass_from_cli("4bits", None, "fp16", "fisher", kernel_efficiency="roofline")
+    with pytest.raises(PtqUsageError, match="not a preset"):
+        allocation_pass_from_cli("4bits", "2ms", "fp16", "fisher", kernel_efficiency="h100")
     for args, match in (
-        (("4bits", "2ms", "fp16", "fisher"), "not both"),
         (("2ms", None, "fp16", "fisher"), "budget-latency"),
         ((None, "70MB", "fp16", "fisher"), "time"),
         (("4bits", None, "int9_g32", "fisher"), "int9_g32"),
@@ -69,6 +79,7 @@ def test_budget_options_parse() -> None:
     assert seen == {
         "budget": "70MB",
         "budget_latency": None,
+        "kernel_efficiency": None,
         "candidates": "int4_g32,fp16",
         "estimator": "fisher",
     }
@@ -107,7 +118,19 @@ def test_allocate_writes_report_and_reuses_cache(
     assert again.exit_code == 0, again.output
     assert "loaded from" in again.output
     chosen = json.loads((out / "allocations.json").read_text())["chosen"]
-    assert chosen["bits_per_weight"] <= 5.0
+    assert chosen["bits_per_weight"] <= 5.0 and chosen["seconds"] is None
+    timed = [*args, "--budget", "5bits", "--kernel-efficiency", "h200-ptq-fp16"]
+    loose = CliRunner().invoke(allocate, [*timed, "--budget-latency", "1s"])
+    assert loose.exit_code == 0, loose.output
+    free = json.loads((out / "allocations.json").read_text())["chosen"]
+    assert free["choice"] == chosen["choice"]  # a cap that never binds changes nothing
+    cap = 0.8 * free["seconds"]
+    tight = CliRunner().invoke(allocate, [*timed, "--budget-latency", f"{cap}s"])
+    assert tight.exit_code == 0, tight.output
+    summary = json.loads((out / "allocations.json").read_text())
+    assert summary["chosen"]["seconds"] <= cap and summary["chosen"]["bits_per_weight"] <= 5.0
+    assert all(a["seconds"] <= cap for a in summary["frontier"])
+    assert summary["chosen"]["objective"] >= free["objective"]
 
 
 def test_allocate_usage_errors(tiny_llama: Path, tmp_path: Path) -> None:
