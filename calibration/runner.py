@@ -208,11 +208,17 @@ def _collect(
     run: Callable[[], Any],
     n_batches: int = 1,
     new_stats: NewStatsFn = _new_stats,
+    *,
+    stop_at_input: bool = False,
 ) -> dict[str, LayerStats]:
     """Run ``run()`` with hooks that feed each named layer's input rows to its stats.
 
     ``names`` must be one stage (layers fed the same tensor). With the default
     ``new_stats``, dense layers of equal input width share the first one's Hessian.
+    ``stop_at_input``: the first stage layer about to run feeds its input to every
+    layer of the stage and stops the forward (raises :class:`StopForward`, which
+    ``run`` must suppress per forward) before any stage layer multiplies; only for
+    layers whose rows are their input alone (not convolutions, see :func:`_input_only`).
     """
     stats: dict[str, LayerStats] = {}
     shared: dict[int, HessianAccumulator] = {}
@@ -233,7 +239,19 @@ def _collect(
         ) -> None:
             _s.add(input_rows(_m, args[0].float(), out))
 
-        handles.append(module.register_forward_hook(hook))
+        if not stop_at_input:
+            handles.append(module.register_forward_hook(hook))
+
+    def first_input(_m: nn.Module, args: tuple[Any, ...]) -> None:
+        x = args[0].float()
+        for layer_stats in stats.values():
+            layer_stats.add(x)
+        raise StopForward
+
+    if stop_at_input:
+        for name in names:
+            module = root.get_submodule(name[len(prefix) :])
+            handles.append(module.register_forward_pre_hook(first_input))
     try:
         run()
     finally:
@@ -287,12 +305,28 @@ class BlockwiseRunner:
         return self.request.hessian or self.request.input_rows > 0
 
     def _collect_stats(
-        self, root: nn.Module, stage: list[str], prefix: str, run: Callable[[], Any], n: int
+        self,
+        root: nn.Module,
+        stage: list[str],
+        prefix: str,
+        forwards: Sequence[Callable[[], Any]],
     ) -> dict[str, LayerStats]:
+        """Statistics of ``stage`` over ``forwards``; each forward stops as early as the
+        statistics allow (before the stage's layers for dense layers, after them for
+        convolutions, whose rows need the output geometry)."""
         if not self._needs_data:
             return {name: LayerStats(max_rows=0) for name in stage}
         new = _new_stats if self.parallel is None else self.parallel.new_stats
-        return _collect(root, stage, prefix, self.request, run, n, new)
+        modules = [root.get_submodule(n[len(prefix) :]) for n in stage]
+        early = _input_only(modules)
+        run = (
+            functools.partial(_run_each, forwards)
+            if early
+            else functools.partial(_run_until, modules, forwards)
+        )
+        return _collect(
+            root, stage, prefix, self.request, run, len(forwards), new, stop_at_input=early
+        )
 
     def _quantize_stage(self, stage: list[str], stats: dict[str, LayerStats]) -> None:
         if self.parallel is None:
@@ -353,7 +387,6 @@ class BlockwiseRunner:
         stage instead of at the block. ``anchor``: the submodule holding this stage and
         the next one; its inputs are cached here and returned for the next stage.
         """
-        modules = [block.get_submodule(n[len(prefix) :]) for n in stage]
         if resume is not None:
             forwards = [functools.partial(resume.module, *a, **kw) for a, kw in resume.inputs]
         else:
@@ -364,8 +397,7 @@ class BlockwiseRunner:
             hook = functools.partial(_keep_inputs, captured)
             handle = anchor.register_forward_pre_hook(hook, with_kwargs=True)
         try:
-            run = functools.partial(_run_until, modules, forwards)
-            stats = self._collect_stats(block, stage, prefix, run, len(inputs))
+            stats = self._collect_stats(block, stage, prefix, forwards)
         finally:
             if handle is not None:
                 handle.remove()
@@ -385,10 +417,8 @@ class BlockwiseRunner:
         stages = _stages_from_order(order, names)
         bar = tqdm(stages, desc="stages", disable=not self.progress or len(stages) < 2)
         for stage in bar:
-            modules = [model.get_submodule(n) for n in stage]
             forwards = [functools.partial(forward_batch, model, b) for b in batches]
-            run = functools.partial(_run_until, modules, forwards)
-            self._quantize_stage(stage, self._collect_stats(model, stage, "", run, len(batches)))
+            self._quantize_stage(stage, self._collect_stats(model, stage, "", forwards))
             if self.describe is not None:
                 bar.set_postfix_str(self.describe())
 
@@ -431,6 +461,18 @@ def _common_parent(block: nn.Module, prefix: str, names: list[str]) -> nn.Module
 
 def _block_forward(block: nn.Module, x: BlockInput) -> Any:
     return block(x.hidden, *x.args, **x.kwargs)
+
+
+def _input_only(modules: Sequence[nn.Module]) -> bool:
+    """Whether the layers' statistic rows are their input alone (no convolution)."""
+    return all(geometry(m).kind != "conv" for m in modules)
+
+
+def _run_each(forwards: Sequence[Callable[[], Any]]) -> None:
+    """Call each forward; a :class:`StopForward` ends that forward only."""
+    for forward in forwards:
+        with contextlib.suppress(StopForward):
+            forward()
 
 
 def _run_until(modules: list[nn.Module], forwards: Sequence[Callable[[], Any]]) -> None:

@@ -85,29 +85,32 @@ def test_layers_fed_one_tensor_share_one_hessian(tiny_lm: Callable[[], nn.Module
         assert torch.equal(q.input_rows(), k.input_rows())
 
 
-def test_stage_forwards_stop_after_the_stage(tiny_lm: Callable[[], nn.Module]) -> None:
-    """Each stage's forward ends once its layers ran and starts at the smallest module
-    holding it and the stage before (inputs cached there): down_proj runs only in its
-    own stage and in the pass that makes the block's outputs; the down_proj stage starts
-    at the MLP, so the attention runs in 3 forwards per batch, not 5. Plus one one-row
-    forward that discovers the stages."""
+def test_stage_forwards_stop_before_the_stage(tiny_lm: Callable[[], nn.Module]) -> None:
+    """Each stage's forward ends as soon as its layers' shared input is known (before
+    any of them multiplies) and starts at the smallest module holding it and the stage
+    before (inputs cached there): down_proj runs only in the pass that makes the block's
+    outputs; the down_proj stage starts at the MLP, so the attention runs in 3 forwards
+    per batch, not 5. Plus one one-row forward that discovers the stages."""
     model = tiny_lm()
     ids = torch.randint(0, 320, (4, 8), generator=torch.Generator().manual_seed(3))
-    calls = {"down": 0, "o": 0, "q": 0}
+    calls = {"down": 0, "o": 0, "q": 0, "gate": 0}
     layer = model.model.layers[0]
     for key, mod in (
         ("down", layer.mlp.down_proj),
         ("o", layer.self_attn.o_proj),
         ("q", layer.self_attn.q_proj),
+        ("gate", layer.mlp.gate_proj),
     ):
         mod.register_forward_hook(lambda *_, _k=key: calls.__setitem__(_k, calls[_k] + 1))
     _run(model, ids)
     batches = 2
-    assert calls["down"] == 2 * batches + 1
-    # o_proj: its own stage (resumed at self_attn), the gate/up stage, the block outputs
-    assert calls["o"] == 3 * batches + 1
-    # q_proj: the q/k/v stage and the three forwards above
-    assert calls["q"] == 4 * batches + 1
+    assert calls["down"] == 1 * batches + 1  # the block outputs only
+    # o_proj: the gate/up stage (which stops before gate/up) and the block outputs
+    assert calls["o"] == 2 * batches + 1
+    # q_proj: the o stage (resumed at self_attn), the gate/up stage, the block outputs
+    assert calls["q"] == 3 * batches + 1
+    # gate_proj: the down_proj stage (resumed at the MLP) and the block outputs
+    assert calls["gate"] == 2 * batches + 1
 
 
 def test_resumed_stages_quantize_like_full_forwards(
