@@ -16,7 +16,10 @@ constraint matrices; only allowed pairs get a variable.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import contextlib
+import os
+import sys
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -255,13 +258,14 @@ def solve_ilp(
     for _ in range(8):
         lower = np.concatenate([np.ones(n_units), np.full(len(limits), -np.inf)])
         upper = np.concatenate([np.ones(n_units), 1.0 - margin])
-        res = milp(
-            obj,
-            constraints=LinearConstraint(a, lower, upper),
-            integrality=np.ones(n_vars),
-            bounds=Bounds(0, 1),
-            options=options,
-        )
+        with _native_stdout_silenced():
+            res = milp(
+                obj,
+                constraints=LinearConstraint(a, lower, upper),
+                integrality=np.ones(n_vars),
+                bounds=Bounds(0, 1),
+                options=options,
+            )
         if res.x is None:
             status = _STATUS.get(res.status, "error")
             if status == "infeasible":
@@ -357,6 +361,28 @@ def _climb(
             score = np.where(valid, -d_loss / d_comb, -np.inf)
         u, j = np.unravel_index(int(np.argmax(score)), score.shape)
         picks[u] = j
+
+
+@contextlib.contextmanager
+def _native_stdout_silenced() -> Iterator[None]:
+    """Point file descriptor 1 at the null device while HiGHS runs: some HiGHS builds
+    print debug lines (``HighsMipSolverData::...``) from C++ even with ``disp=False``.
+    Python-level output is flushed first; where fd 1 cannot be duplicated, nothing
+    changes."""
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+    except (OSError, ValueError):
+        yield
+        return
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(null)
 
 
 def _cheapest(loss: np.ndarray, cost: np.ndarray) -> np.ndarray:
