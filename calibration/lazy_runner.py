@@ -33,7 +33,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ptq.calibration.blocks import BlockInput, capture_block_inputs, find_blocks, run_block
-from ptq.calibration.runner import LayerStats, StatsRequest, _collect, discover_stages
+from ptq.calibration.runner import (
+    LayerStats,
+    StatsRequest,
+    _block_forward,
+    collect_stage,
+    discover_stages,
+)
 from ptq.errors import PtqInputError, PtqUsageError
 from ptq.io.safetensors_reader import SafetensorsIndex
 from ptq.plan import QuantPlan
@@ -234,13 +240,8 @@ class LazyBlockRunner:
             if names:
                 for stage in discover_stages(block, prefix, names, inputs[0]):
                     if self.request.hessian or self.request.input_rows:
-                        stats = _collect(
-                            block,
-                            stage,
-                            prefix,
-                            self.request,
-                            functools.partial(run_block, block, inputs),
-                        )
+                        forwards = [functools.partial(_block_forward, block, x) for x in inputs]
+                        stats = collect_stage(block, stage, prefix, self.request, forwards)
                     else:
                         stats = {n: LayerStats(max_rows=0) for n in stage}
                     for name in stage:

@@ -260,6 +260,29 @@ def _collect(
     return stats
 
 
+def collect_stage(
+    root: nn.Module,
+    stage: list[str],
+    prefix: str,
+    request: StatsRequest,
+    forwards: Sequence[Callable[[], Any]],
+    new_stats: NewStatsFn = _new_stats,
+) -> dict[str, LayerStats]:
+    """Statistics of one ``stage`` over ``forwards``; each forward stops as early as the
+    statistics allow: before the stage's layers multiply for dense layers, after they
+    ran for convolutions (whose rows need the output geometry)."""
+    modules = [root.get_submodule(n[len(prefix) :]) for n in stage]
+    early = _input_only(modules)
+    run = (
+        functools.partial(_run_each, forwards)
+        if early
+        else functools.partial(_run_until, modules, forwards)
+    )
+    return _collect(
+        root, stage, prefix, request, run, len(forwards), new_stats, stop_at_input=early
+    )
+
+
 def split_calibration(calibration: Calibration, batch_size: int) -> list[Any]:
     """Token ids split into batches of ``batch_size`` rows; a list of dicts as given.
 
@@ -311,22 +334,10 @@ class BlockwiseRunner:
         prefix: str,
         forwards: Sequence[Callable[[], Any]],
     ) -> dict[str, LayerStats]:
-        """Statistics of ``stage`` over ``forwards``; each forward stops as early as the
-        statistics allow (before the stage's layers for dense layers, after them for
-        convolutions, whose rows need the output geometry)."""
         if not self._needs_data:
             return {name: LayerStats(max_rows=0) for name in stage}
         new = _new_stats if self.parallel is None else self.parallel.new_stats
-        modules = [root.get_submodule(n[len(prefix) :]) for n in stage]
-        early = _input_only(modules)
-        run = (
-            functools.partial(_run_each, forwards)
-            if early
-            else functools.partial(_run_until, modules, forwards)
-        )
-        return _collect(
-            root, stage, prefix, self.request, run, len(forwards), new, stop_at_input=early
-        )
+        return collect_stage(root, stage, prefix, self.request, forwards, new)
 
     def _quantize_stage(self, stage: list[str], stats: dict[str, LayerStats]) -> None:
         if self.parallel is None:
