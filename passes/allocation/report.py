@@ -134,8 +134,10 @@ def render_markdown(
     images: tuple[str, str],
 ) -> str:
     """The markdown text of the report (images referenced by relative path)."""
-    budget = (
-        f"{chosen.budget * 1e3:.6g} ms" if chosen.unit == "seconds" else f"{chosen.budget:,.0f} B"
+    limits = chosen.budgets or ((chosen.unit, chosen.budget),)
+    budget = " and ".join(
+        f"{bound * 1e3:.6g} ms" if unit == "seconds" else f"{bound:,.0f} B"
+        for unit, bound in limits
     )
     lines = [
         "# Mixed-precision bit allocation",
@@ -144,7 +146,7 @@ def render_markdown(
         f"{chosen.total_bytes:,} bytes = "
         f"**{chosen.bits_per_weight:.4f} bits/weight** over {problem.n_weights:,} weights, "
         f"{ylabel} {value(chosen):.6g}"
-        + (f", modelled latency {chosen.cost * 1e3:.6g} ms." if chosen.unit == "seconds" else "."),
+        + (f", modelled latency {chosen.seconds * 1e3:.6g} ms." if chosen.seconds else "."),
         "",
         f"![Pareto frontier]({images[0]})",
         "",

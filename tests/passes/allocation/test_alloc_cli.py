@@ -131,6 +131,8 @@ def test_allocate_writes_report_and_reuses_cache(
     assert summary["chosen"]["seconds"] <= cap and summary["chosen"]["bits_per_weight"] <= 5.0
     assert all(a["seconds"] <= cap for a in summary["frontier"])
     assert summary["chosen"]["objective"] >= free["objective"]
+    first = (out / "report.md").read_text().split("\n\n")[1]
+    assert " B and " in first and " ms" in first and "modelled latency" in first
 
 
 def test_allocate_usage_errors(tiny_llama: Path, tmp_path: Path) -> None:
