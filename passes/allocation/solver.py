@@ -6,12 +6,14 @@ Layer-wise Calibration and Integer Programming" (2020), eq. 7, over decision uni
 
     minimise    sum_{u,c} y[u, c] * dL[u, c]
     subject to  sum_c y[u, c] = 1                   for every unit u
-                sum_{u,c} y[u, c] * cost[u, c] <= B
+                sum_{u,c} y[u, c] * cost_k[u, c] <= B_k  for every budget k
                 y[u, c] = 0                         where c is not allowed for u
                 y[u, c] in {0, 1}
 
-solved with ``scipy.optimize.milp`` (HiGHS branch and bound, relative gap 0) on sparse
-constraint matrices; only allowed pairs get a variable.
+with one budget row per budget given (bytes, and/or modelled seconds: a size and a
+latency budget together make a two-dimensional knapsack), solved with
+``scipy.optimize.milp`` (HiGHS branch and bound, relative gap 0) on sparse constraint
+matrices; only allowed pairs get a variable.
 """
 
 from __future__ import annotations
