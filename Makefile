@@ -30,7 +30,7 @@ test-slow: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	MYPY=$(VENV)/bin/mypy .ci/typecheck
+	MYPY=$(abspath $(VENV))/bin/mypy .ci/typecheck
 
 clean:
 	rm -rf $(VENV) build dist out *.egg-info
