@@ -239,19 +239,17 @@ def _collect(
         ) -> None:
             _s.add(input_rows(_m, args[0].float(), out))
 
-        if not stop_at_input:
-            handles.append(module.register_forward_hook(hook))
+        def first_input(_m: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0].float()
+            for layer_stats in stats.values():
+                layer_stats.add(x)
+            raise StopForward
 
-    def first_input(_m: nn.Module, args: tuple[Any, ...]) -> None:
-        x = args[0].float()
-        for layer_stats in stats.values():
-            layer_stats.add(x)
-        raise StopForward
-
-    if stop_at_input:
-        for name in names:
-            module = root.get_submodule(name[len(prefix) :])
-            handles.append(module.register_forward_pre_hook(first_input))
+        handles.append(
+            module.register_forward_pre_hook(first_input)
+            if stop_at_input
+            else module.register_forward_hook(hook)
+        )
     try:
         run()
     finally:
