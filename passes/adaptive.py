@@ -132,6 +132,7 @@ class AdaQuantPass(_RowReconstructionPass):
             "rel_output_error": output_error(w, res.weight, x, groups),
             "loss_start": res.loss_start,
             "loss_end": res.loss_end,
+            "kept_start": res.kept_start,
             "seconds": res.time_s,
         }
         return res.qtensor, res.bias, record
