@@ -207,6 +207,14 @@ def main() -> None:
     "--iterations", type=int, default=None, help="AdaRound/AdaQuant: optimisation steps per layer."
 )
 @click.option(
+    "--method-option",
+    "method_option",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Any option of the method's config (repeatable), e.g. input_rows=4096, "
+    "lr_weight=1e-4 (adaquant), reg_weight=0.01 (adaround); an unknown key lists them all.",
+)
+@click.option(
     "--smoothquant",
     is_flag=False,
     flag_value="search",
@@ -269,6 +277,7 @@ def quantize(
     percdamp: float | None,
     act_order: bool | None,
     iterations: int | None,
+    method_option: tuple[str, ...],
     smoothquant: str | None,
     rotate: bool,
     lorc: int | None,
@@ -289,14 +298,23 @@ def quantize(
     from ptq.api import quantize as run
 
     _quiet_libraries(quiet)
-    from ptq.passes.registry import make_weight_pass
+    from ptq.passes.registry import make_weight_pass, method_options
 
     knobs = {
         k: v
         for k, v in {"percdamp": percdamp, "act_order": act_order, "iterations": iterations}.items()
         if v is not None
     }
+    try:
+        extra = method_options(method, method_option)
+    except ValueError as exc:
+        raise PtqUsageError(str(exc)) from None
+    if both := sorted(set(extra) & set(knobs)):
+        raise PtqUsageError(f"{', '.join(both)} given both as a flag and as --method-option")
+    knobs.update(extra)
     cal = CalibrationConfig(path=calib, samples=calib_samples, seqlen=calib_seqlen)
+    if recipe is not None and method_option:
+        raise PtqUsageError("--method-option with --recipe: set the options in the recipe")
     if recipe is not None and (budget or budget_latency):
         raise PtqUsageError(
             "--budget/--budget-latency with --recipe: put a bit_allocation pass in the recipe"

@@ -206,3 +206,31 @@ def test_quantize_with_budget_mixes_formats(
     r = run_cli("quantize", str(tiny_llama), "--budget", "6bits", "--lorc", "4", *common,
                 "-o", str(tmp_path / "lorc"))  # fmt: skip
     _fails(r, "+lorc")
+
+
+def test_method_options_reach_the_pass(run_cli: Run, tiny_llama: Path, tmp_path: Path) -> None:
+    out = tmp_path / "q"
+    r = run_cli(
+        "quantize", str(tiny_llama), "--w4a16", "--method", "adaquant", "--iterations", "3",
+        "--method-option", "input_rows=32", "--method-option", "lr_weight=1e-4",
+        "-o", str(out), "-q",
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output  # type: ignore[attr-defined]
+    records = json.loads((out / "ptq_records.json").read_text())["layers"]
+    assert records and all(rec["method"] == "adaquant" for rec in records.values())
+    assert all("kept_start" in rec for rec in records.values())
+
+
+def test_bad_method_options(run_cli: Run, tiny_llama: Path, tmp_path: Path) -> None:
+    def quantize(*extra: str) -> object:
+        return run_cli("quantize", str(tiny_llama), "--w4a16", *extra, "-o", str(tmp_path / "o"))
+
+    _fails(
+        quantize("--method", "adaquant", "--method-option", "lr=1"), "no option 'lr'", "lr_weight"
+    )
+    _fails(quantize("--method", "gptq", "--method-option", "act_order=maybe"), "act_order")
+    _fails(
+        quantize("--method", "gptq", "--percdamp", "0.1", "--method-option", "percdamp=0.2"),
+        "percdamp given both",
+    )
+    assert not (tmp_path / "o").exists()
