@@ -8,9 +8,10 @@ and Integer Programming"). For a layer ``y = f(x; W, b)`` and cached calibration
     min_{W', s, b'} || f(X; W, b) - f(X; Q_s(W'), b') ||^2
 
 with Adam, where ``Q_s`` is the format's quantizer with per-block scales ``s``. The
-rounding uses a straight-through estimator, ``s = exp(log_s)`` is log-parametrised (and
-projected onto the scale format's grid with a straight-through estimator too), and
-``W' = W + s_0 * delta`` moves in units of the initial step ``s_0`` so one learning rate
+rounding uses a straight-through estimator; the scale is log-parametrised,
+``s = sign(s_0) exp(log_s)``, keeping the sign of the initial scale (the full-range
+rule's scales are negative), and projected onto the scale format's grid with a
+straight-through estimator too; ``W' = W + s_0 * delta`` moves in units of the initial step ``s_0`` so one learning rate
 fits every layer. Power-of-two scale formats (E8M0, pow2) keep their initial scales.
 
 The default learning rates (``3e-4`` steps for ``delta``, ``3e-3`` for ``log s``) were
@@ -154,7 +155,8 @@ def adaquant_layer(
     init = block_scales(w0, fmt)
     gs = init.global_scale
     s0_full, zp = init.expand(w0.shape)
-    log_s = torch.log(init.effective()).clone()
+    sign = torch.where(init.effective() < 0, -1.0, 1.0)
+    log_s = torch.log(init.effective().abs()).clone()
     learn_scales = cfg.learn_scales and fmt.scale_format not in ("e8m0", "pow2")
     delta = torch.zeros_like(w0, requires_grad=True)
     groups: list[dict[str, object]] = [{"params": [delta], "lr": cfg.lr_weight}]
@@ -170,7 +172,7 @@ def adaquant_layer(
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
 
     def current() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        s = torch.exp(log_s)
+        s = sign * torch.exp(log_s)
         s = s + (_effective(_stored_scale(s, fmt, gs), gs) - s).detach()
         s_full = expand_blocks(s, init.block, w0.shape)
         w_q = fake_quantize_ste(w0 + s0_full * delta, s_full, fmt.element, zp)

@@ -135,3 +135,17 @@ def test_channel_scale_formats_are_refused() -> None:
     m2 = QuantFormat(FP4_E2M1, PerGroup(16), scale_format="pow2", channel_scale=True)
     with pytest.raises(ValueError, match="GPTQ or AdaRound"):
         adaquant_layer(torch.randn(8, 32), torch.randn(64, 32), m2)
+
+
+def test_full_range_scales_keep_their_sign() -> None:
+    """Full-range INT scales may be negative: AdaQuant learns their magnitude, not NaN."""
+    full_range = QuantFormat(INT4, PerGroup(32), scale_rule="full_range")
+    w, b, x = make_problem()
+    result = adaquant_layer(w, x, full_range, bias=b, config=CFG)
+    assert torch.isfinite(result.weight).all() and not result.kept_start
+    start = quantize(w, full_range).scale
+    assert bool((start < 0).any()) and torch.equal(result.qtensor.scale.sign(), start.sign())
+    target = x @ w.T + b
+    ours = (x @ result.weight.T + result.bias - target).norm()
+    rtn = (x @ fake_quantize(w, full_range).T + b - target).norm()
+    assert ours < 0.8 * rtn
