@@ -10,9 +10,9 @@ and Integer Programming"). For a layer ``y = f(x; W, b)`` and cached calibration
 with Adam, where ``Q_s`` is the format's quantizer with per-block scales ``s``. The
 rounding uses a straight-through estimator; the scale is log-parametrised,
 ``s = sign(s_0) exp(log_s)``, keeping the sign of the initial scale (the full-range
-rule's scales are negative), and projected onto the scale format's grid with a
-straight-through estimator too; ``W' = W + s_0 * delta`` moves in units of the initial step ``s_0`` so one learning rate
-fits every layer. Power-of-two scale formats (E8M0, pow2) keep their initial scales.
+rule's scales may be negative), and projected onto the scale format's grid with a
+straight-through estimator too; ``W' = W + s_0 * delta`` moves in units of the initial
+step ``s_0`` so one learning rate fits every layer. Power-of-two scale formats (E8M0, pow2) keep their initial scales.
 
 The default learning rates (``3e-4`` steps for ``delta``, ``3e-3`` for ``log s``) were
 chosen on SmolLM2-135M layers (INT3/INT4 g64, NVFP4): Adam moves every element by about
