@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
 from typing import Any
 
 from ptq.pipeline import Pass
@@ -64,24 +61,6 @@ def make_weight_pass(method: str, **options: Any) -> Pass:
     return cls(cfg(**options))
 
 
-def _fits(value: Any, hint: Any) -> bool:
-    """Whether a parsed scalar fits a config field's annotation (bool, int, float, Literal)."""
-    origin = typing.get_origin(hint)
-    if origin is typing.Literal:
-        return value in typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_fits(value, h) for h in typing.get_args(hint))
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if hint is type(None):
-        return value is None
-    return isinstance(value, hint) if isinstance(hint, type) else True
-
-
 def _scalar(text: str) -> Any:
     """``text`` as int, float, bool or None when it reads as one, else the string."""
     words = {"true": True, "false": False, "yes": True, "no": False, "none": None, "": None}
@@ -99,32 +78,25 @@ def method_options(method: str, pairs: list[str] | tuple[str, ...]) -> dict[str,
     """Parse ``KEY=VALUE`` overrides of a weight method's config (``--method-option``).
 
     Values are read as scalars (``1e-4``, ``4096``, ``true``/``false``, ``none``, else a
-    string such as ``static``) and checked against the config field's type.
+    string such as ``static``) and checked like a recipe's pass options
+    (:func:`ptq.recipe.build_config`: known keys, the field's type).
 
     Raises:
-        ValueError: unknown method, a pair without ``=``, an unknown key (the message
-            lists the valid keys with their defaults) or a value of the wrong type.
+        ValueError: unknown method or a pair without ``=``.
+        PtqInputError: an unknown key (the message lists the allowed ones) or a value of
+            the wrong type.
     """
+    from ptq.recipe import build_config
+
     table = {k: v for k, v in pass_table().items() if k in WEIGHT_METHODS}
     if method not in table:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(sorted(table))}")
-    cfg = table[method][1]
-    fields = {f.name: f for f in dataclasses.fields(cfg)}
-    hints = typing.get_type_hints(cfg)
-    valid = ", ".join(f"{n}={f.default!r}" for n, f in fields.items())
     out: dict[str, Any] = {}
     for pair in pairs:
         key, eq, text = pair.partition("=")
         key = key.strip().replace("-", "_")
         if not eq or not key:
             raise ValueError(f"method option {pair!r} is not KEY=VALUE")
-        if key not in fields:
-            raise ValueError(f"--method {method} has no option {key!r}; valid: {valid}")
-        value = _scalar(text.strip())
-        if not _fits(value, hints[key]):
-            raise ValueError(
-                f"--method {method} option {key}={text!r}: expected {hints[key]}, "
-                f"default {fields[key].default!r}"
-            )
-        out[key] = float(value) if hints[key] is float else value
+        out[key] = _scalar(text.strip())
+    build_config(table[method][1], out, f"--method {method}")
     return out

@@ -305,6 +305,8 @@ def quantize(
         for k, v in {"percdamp": percdamp, "act_order": act_order, "iterations": iterations}.items()
         if v is not None
     }
+    if recipe is not None and method_option:
+        raise PtqUsageError("--method-option with --recipe: set the options in the recipe")
     try:
         extra = method_options(method, method_option)
     except ValueError as exc:
@@ -313,8 +315,6 @@ def quantize(
         raise PtqUsageError(f"{', '.join(both)} given both as a flag and as --method-option")
     knobs.update(extra)
     cal = CalibrationConfig(path=calib, samples=calib_samples, seqlen=calib_seqlen)
-    if recipe is not None and method_option:
-        raise PtqUsageError("--method-option with --recipe: set the options in the recipe")
     if recipe is not None and (budget or budget_latency):
         raise PtqUsageError(
             "--budget/--budget-latency with --recipe: put a bit_allocation pass in the recipe"
