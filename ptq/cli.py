@@ -18,6 +18,7 @@ from ptq.errors import PtqError, PtqUsageError
 
 SCHEME_FLAGS = ("w4a16", "w4a8", "w8a8", "fp8", "w8a16")
 SCALE_RULE_NAMES = ("amax", "full-range", "mx", "mx-round-up")
+CLIP_NAMES = ("none", "mse")
 
 
 def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -75,6 +76,14 @@ def scheme_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         "the format's own.",
     )(fn)
     fn = click.option(
+        "--clip",
+        type=click.Choice(CLIP_NAMES),
+        default=None,
+        help="Weight clipping: mse searches, per scale block, the clip ratio (1 down to 0.5) "
+        "with the least squared weight error; none keeps the rule's peak; default: the "
+        "format's own. Any --method uses the clipped scales.",
+    )(fn)
+    fn = click.option(
         "--group-size",
         type=int,
         default=None,
@@ -99,6 +108,7 @@ def build_scheme(
     act_format: str | None,
     ignore: tuple[str, ...],
     scale_rule: str | None = None,
+    clip: str | None = None,
 ) -> Any:
     from ptq.scheme import get_activation, get_scheme
 
@@ -119,26 +129,34 @@ def build_scheme(
             kwargs["activation"] = get_activation(act_format)
         if ignore:
             kwargs["ignore"] = ignore
-        return with_scale_rule(scheme.with_overrides(**kwargs), scale_rule)
+        return with_weight_rules(scheme.with_overrides(**kwargs), scale_rule, clip)
     except ValueError as exc:
         raise PtqUsageError(str(exc)) from None
 
 
-def with_scale_rule(scheme: Any, scale_rule: str | None) -> Any:
-    """``scheme`` with its weight format's ``scale_rule`` replaced (CLI spelling ``a-b``).
+def with_weight_rules(scheme: Any, scale_rule: str | None, clip: str | None = None) -> Any:
+    """``scheme`` with its weight format's ``scale_rule`` and ``clip`` replaced.
+
+    ``scale_rule`` comes in CLI spelling (``full-range``); None leaves a field as it is.
 
     Raises:
-        PtqUsageError: The rule does not fit the weight format (e.g. full-range on FP8).
+        PtqUsageError: A rule does not fit the weight format (e.g. full-range on FP8,
+            mse clipping on an asymmetric format).
     """
-    if scale_rule is None:
-        return scheme
     from dataclasses import replace
 
-    try:
-        weight = replace(scheme.weight, scale_rule=scale_rule.replace("-", "_"))
-    except ValueError as exc:
-        raise PtqUsageError(f"--scale-rule {scale_rule}: {exc}") from None
-    return scheme.with_overrides(weight=weight)
+    weight = scheme.weight
+    for flag, field, value in (
+        ("--scale-rule", "scale_rule", scale_rule),
+        ("--clip", "clip", clip),
+    ):
+        if value is None:
+            continue
+        try:
+            weight = replace(weight, **{field: value.replace("-", "_")})
+        except ValueError as exc:
+            raise PtqUsageError(f"{flag} {value}: {exc}") from None
+    return scheme if weight is scheme.weight else scheme.with_overrides(weight=weight)
 
 
 @click.group()
@@ -327,7 +345,7 @@ def quantize(
         scheme = (
             build_scheme(**scheme_kw)
             if has_flags or parsed.scheme is None
-            else with_scale_rule(parsed.scheme, scheme_kw["scale_rule"])
+            else with_weight_rules(parsed.scheme, scheme_kw["scale_rule"], scheme_kw["clip"])
         )
         passes = parsed.pipeline.passes
         cal = CalibrationConfig(
