@@ -11,7 +11,8 @@ token ids; their checkpoints are reloaded here (``CompressedTensorsConfig(
 run_compressed=False)``, fp32) and evaluated with the same function. Wall time is of the
 quantization step only: our ``Pipeline.run`` vs llm-compressor's ``oneshot``.
 "+ MSE clip" rows search each group's clip ratio for the least squared weight error
-(``QuantFormat(clip="mse")``); for GPTQ that fixes the static scales before the sweep.
+(``QuantFormat(clip="mse")``); for GPTQ that fixes the static scales before the sweep,
+for AdaRound the fixed scales it learns the rounding for.
 
 Usage::
 
@@ -62,6 +63,7 @@ OURS: dict[str, Callable[[], Pass]] = {
     "AdaQuant": AdaQuantPass,
     "RTN + MSE clip": RTNPass,
     "GPTQ act-order + MSE clip": GPTQPass,
+    "AdaRound + MSE clip": AdaRoundPass,
     "RTN full-range": RTNPass,
     "GPTQ act-order full-range": GPTQPass,
 }
@@ -81,6 +83,7 @@ def _full_range(fmt: QuantFormat) -> QuantFormat:
 FORMAT_CHANGES: dict[str, Callable[[QuantFormat], QuantFormat]] = {
     "RTN + MSE clip": _mse_clip,
     "GPTQ act-order + MSE clip": _mse_clip,
+    "AdaRound + MSE clip": _mse_clip,
     "RTN full-range": _full_range,
     "GPTQ act-order full-range": _full_range,
 }

@@ -1,8 +1,9 @@
 """A small, versioned, strict description of a :class:`QuantFormat` as plain data.
 
 Used by the ptq on-disk layout (:mod:`ptq.formats.ptq_layout`) so a file says exactly
-how to decode its codes. ``to_descriptor`` / ``from_descriptor`` round-trip every
-format; unknown keys and kinds are rejected with a ``ValueError`` naming them.
+how to decode its codes. The body is the same allowlisted encoding as plans and
+recipes (:mod:`ptq.serialization`); ``version`` guards the layout of files already
+written (version 1 files, which spelled one key differently, still load).
 """
 
 from __future__ import annotations
@@ -12,126 +13,38 @@ from typing import Any
 
 import torch
 
-from ptq.formats.element import ElementFormat, FloatFormat, IntFormat
-from ptq.formats.granularity import Granularity, PerBlock, PerChannel, PerGroup, PerTensor
 from ptq.formats.qformat import QuantFormat
+from ptq.serialization import format_from_dict, format_to_dict
 
-DESCRIPTOR_VERSION = 1
-_TOP_KEYS = {
-    "version",
-    "element",
-    "granularity",
-    "symmetric",
-    "scale_format",
-    "scale_rule",
-    "global_scale",
-    "clip",
-    "name",
-    "nonfinite",
-    "channel_scale",
-}
+DESCRIPTOR_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
 
 
-def _element_to_dict(el: ElementFormat) -> dict[str, Any]:
-    if isinstance(el, IntFormat):
-        return {"kind": "int", "bits": el.bits, "signed": el.signed, "restricted": el.restricted}
-    return {
-        "kind": "float",
-        "exp_bits": el.exp_bits,
-        "man_bits": el.man_bits,
-        "bias": el.exp_bias,
-        "inf_nan": el.inf_nan,
-        "signed": el.signed,
-        "name": el.name_override,
-    }
-
-
-def _strict(d: dict[str, Any], allowed: set[str], what: str) -> None:
-    extra = set(d) - allowed
-    if extra:
-        raise ValueError(
-            f"unknown {what} descriptor key(s) {sorted(extra)}; valid: {sorted(allowed)}"
-        )
-
-
-def _element_from_dict(d: dict[str, Any]) -> ElementFormat:
-    kind = d.get("kind")
-    if kind == "int":
-        _strict(d, {"kind", "bits", "signed", "restricted"}, "int element")
-        return IntFormat(int(d["bits"]), bool(d["signed"]), bool(d["restricted"]))
-    if kind == "float":
-        keys = {"kind", "exp_bits", "man_bits", "bias", "inf_nan", "signed", "name"}
-        _strict(d, keys, "float element")
-        return FloatFormat(
-            int(d["exp_bits"]), int(d["man_bits"]), int(d["bias"]), d["inf_nan"],
-            bool(d["signed"]), d.get("name"),
-        )  # fmt: skip
-    raise ValueError(f"unknown element kind {kind!r}; valid: int, float")
-
-
-def _granularity_to_dict(g: Granularity) -> dict[str, Any]:
-    if isinstance(g, PerTensor):
-        return {"kind": "tensor"}
-    if isinstance(g, PerChannel):
-        return {"kind": "channel", "axis": g.axis}
-    if isinstance(g, PerGroup):
-        return {"kind": "group", "size": g.size}
-    return {"kind": "block", "rows": g.rows, "cols": g.cols}
-
-
-def _granularity_from_dict(d: dict[str, Any]) -> Granularity:
-    kind = d.get("kind")
-    if kind == "tensor":
-        _strict(d, {"kind"}, "tensor granularity")
-        return PerTensor()
-    if kind == "channel":
-        _strict(d, {"kind", "axis"}, "channel granularity")
-        return PerChannel(int(d["axis"]))
-    if kind == "group":
-        _strict(d, {"kind", "size"}, "group granularity")
-        return PerGroup(int(d["size"]))
-    if kind == "block":
-        _strict(d, {"kind", "rows", "cols"}, "block granularity")
-        return PerBlock(int(d["rows"]), int(d["cols"]))
-    raise ValueError(f"unknown granularity kind {kind!r}; valid: tensor, channel, group, block")
+def _upgrade_v1(d: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 named a float element's display name ``name`` (now ``name_override``)."""
+    element = d.get("element")
+    if isinstance(element, dict) and element.get("kind") == "float" and "name" in element:
+        element = {k: v for k, v in element.items() if k != "name"}
+        element["name_override"] = d["element"]["name"]
+        return {**d, "element": element}
+    return d
 
 
 def to_descriptor(fmt: QuantFormat) -> dict[str, Any]:
-    """``fmt`` as a JSON-ready dict (with ``version``)."""
-    return {
-        "version": DESCRIPTOR_VERSION,
-        "element": _element_to_dict(fmt.element),
-        "granularity": _granularity_to_dict(fmt.granularity),
-        "symmetric": fmt.symmetric,
-        "scale_format": fmt.scale_format,
-        "scale_rule": fmt.scale_rule,
-        "global_scale": fmt.global_scale,
-        "clip": fmt.clip,
-        "name": fmt.name,
-        "nonfinite": fmt.nonfinite,
-        "channel_scale": fmt.channel_scale,
-    }
+    """``fmt`` as a JSON-ready dict: :func:`ptq.serialization.format_to_dict` plus ``version``."""
+    return {"version": DESCRIPTOR_VERSION, **format_to_dict(fmt)}
 
 
 def from_descriptor(d: dict[str, Any]) -> QuantFormat:
-    """Inverse of :func:`to_descriptor`; rejects unknown keys and versions."""
-    _strict(d, _TOP_KEYS, "format")
-    if d.get("version") != DESCRIPTOR_VERSION:
+    """Inverse of :func:`to_descriptor` (also reads version 1); rejects unknown keys, kinds
+    and versions with a ``ValueError`` naming them."""
+    version = d.get("version")
+    if version not in _READABLE_VERSIONS:
         raise ValueError(
-            f"format descriptor version {d.get('version')!r} is not {DESCRIPTOR_VERSION}"
+            f"format descriptor version {version!r} is not one of {list(_READABLE_VERSIONS)}"
         )
-    return QuantFormat(
-        element=_element_from_dict(d["element"]),
-        granularity=_granularity_from_dict(d["granularity"]),
-        symmetric=bool(d["symmetric"]),
-        scale_format=d["scale_format"],
-        scale_rule=d["scale_rule"],
-        global_scale=bool(d["global_scale"]),
-        clip=d["clip"],
-        name=str(d["name"]),
-        nonfinite=d["nonfinite"],
-        channel_scale=bool(d["channel_scale"]),
-    )
+    body = {k: v for k, v in d.items() if k != "version"}
+    return format_from_dict(_upgrade_v1(body) if version == 1 else body)
 
 
 def descriptor_tensor(fmt: QuantFormat) -> torch.Tensor:
