@@ -23,9 +23,9 @@ than round-to-nearest (v_proj output error 0.106 vs RTN 0.102), while ``3e-4`` r
 with the initial scales) on all cached rows, and the starting point is kept when the
 optimised solution is not better.
 
-The paper's bias correction ("global statistics tuning" in spirit) is
-:func:`bias_correction`: shift a bias so the mean output over calibration data matches
-the FP model; :func:`gain_correction` is the multiplicative analogue for a norm weight.
+The paper's bias and batch-norm tuning (re-estimating each output channel's mean and
+scale after quantization) is :class:`ptq.passes.bias_correction.BiasCorrectionPass` with
+``gain=True`` (CLI ``--stats-tuning``), which runs after any weight method.
 """
 
 from __future__ import annotations
@@ -213,42 +213,3 @@ def adaquant_layer(
         time_s=time.perf_counter() - start,
         kept_start=kept_start,
     )
-
-
-def bias_correction(
-    fp_out: torch.Tensor, q_out: torch.Tensor, channel_dim: int = -1
-) -> torch.Tensor:
-    """Per-channel shift ``delta = E[y_fp] - E[y_q]`` to add to the quantized layer's bias.
-
-    Means are taken over every dim but ``channel_dim`` (tokens, batch, spatial), so the
-    corrected layer's mean output over the calibration data equals the FP model's
-    (Nagel et al., 2019; Hubara et al., 2021, bias tuning).
-    """
-    if fp_out.shape != q_out.shape:
-        raise ValueError(
-            f"bias_correction needs equal shapes, got {tuple(fp_out.shape)} "
-            f"and {tuple(q_out.shape)}"
-        )
-    diff = (fp_out.detach().double() - q_out.detach().double()).movedim(channel_dim, -1)
-    return diff.reshape(-1, diff.shape[-1]).mean(0).to(fp_out.dtype)
-
-
-def gain_correction(
-    fp_out: torch.Tensor, q_out: torch.Tensor, channel_dim: int = -1
-) -> torch.Tensor:
-    """Per-channel factor ``g = <y_fp, y_q> / <y_q, y_q>`` (least squares) for a norm weight.
-
-    Multiplying a norm's weight (the scale right before the channel) by ``g`` minimises
-    ``||y_fp - g * y_q||^2`` per channel over the calibration data; channels with
-    all-zero ``y_q`` keep ``g = 1``.
-    """
-    if fp_out.shape != q_out.shape:
-        raise ValueError(
-            f"gain_correction needs equal shapes, got {tuple(fp_out.shape)} "
-            f"and {tuple(q_out.shape)}"
-        )
-    fp = fp_out.detach().double().movedim(channel_dim, -1).reshape(-1, fp_out.shape[channel_dim])
-    q = q_out.detach().double().movedim(channel_dim, -1).reshape(-1, q_out.shape[channel_dim])
-    den = q.pow(2).sum(0)
-    gain = torch.where(den > 0, (fp * q).sum(0) / den.clamp(min=1e-300), torch.ones_like(den))
-    return gain.to(fp_out.dtype)

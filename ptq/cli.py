@@ -252,6 +252,13 @@ def main() -> None:
     "--bias-correction", is_flag=True, help="Re-estimate biases of activation-quantized layers."
 )
 @click.option(
+    "--stats-tuning",
+    is_flag=True,
+    help="After the weight method, fit every quantized layer's per-channel output gain "
+    "(folded into its scales) and mean (its bias) to the FP layer on the calibration data "
+    "(Hubara et al.'s bias and batch-norm tuning).",
+)
+@click.option(
     "--kv-cache",
     type=click.Choice(["fp8_e4m3", "int8"]),
     default=None,
@@ -300,6 +307,7 @@ def quantize(
     rotate: bool,
     lorc: int | None,
     bias_correction: bool,
+    stats_tuning: bool,
     kv_cache: str | None,
     allow_pickle: bool,
     parallel: str,
@@ -325,6 +333,11 @@ def quantize(
     }
     if recipe is not None and method_option:
         raise PtqUsageError("--method-option with --recipe: set the options in the recipe")
+    if recipe is not None and (bias_correction or stats_tuning):
+        raise PtqUsageError(
+            "--bias-correction/--stats-tuning with --recipe: add a bias_correction pass "
+            "(options gain, activation_quantized_only) to the recipe"
+        )
     try:
         extra = method_options(method, method_option)
     except ValueError as exc:
@@ -376,6 +389,7 @@ def quantize(
             rotate=rotate,
             lorc=lorc,
             bias_correction=bias_correction,
+            stats_tuning=stats_tuning,
             kv_cache=kv_cache,
             allocation=allocation,
         )

@@ -31,6 +31,7 @@ def build_passes(
     lorc: int | None = None,
     lorc_format: str = "fp16",
     bias_correction: bool = False,
+    stats_tuning: bool = False,
     kv_cache: str | None = None,
     allocation: Pass | None = None,
 ) -> list[Pass]:
@@ -47,6 +48,7 @@ def build_passes(
         lorc: Low-rank compensation rank, or None.
         lorc_format: Storage of the LoRC factors.
         bias_correction: Re-estimate biases for activation-quantized layers.
+        stats_tuning: Fit every layer's per-channel output gain and bias (Hubara et al.).
         kv_cache: ``fp8_e4m3`` or ``int8`` KV-cache quantization, or None.
         allocation: A :class:`~ptq.passes.bit_allocation.BitAllocationPass` (mixed
             precision within a budget); the weight pass is then wrapped so that LoRC
@@ -96,10 +98,17 @@ def build_passes(
             from ptq.passes.act_calibration import ActCalibrationPass
 
             inner.append(ActCalibrationPass())
-        if bias_correction:
-            from ptq.passes.bias_correction import BiasCorrectionPass
+        if bias_correction and stats_tuning:
+            raise PtqUsageError("choose --bias-correction or --stats-tuning (it includes it)")
+        if bias_correction or stats_tuning:
+            from ptq.passes.bias_correction import BiasCorrectionConfig, BiasCorrectionPass
 
-            passes.append(BiasCorrectionPass(inner if len(inner) > 1 else inner[0]))
+            config = BiasCorrectionConfig(activation_quantized_only=False, gain=True)
+            passes.append(
+                BiasCorrectionPass(
+                    inner if len(inner) > 1 else inner[0], config if stats_tuning else None
+                )
+            )
         else:
             passes.extend(inner)
         if kv_cache is not None:

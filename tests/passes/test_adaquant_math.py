@@ -12,8 +12,6 @@ from ptq.formats.scales import encode_scale
 from ptq.passes.adaquant_math import (
     AdaQuantConfig,
     adaquant_layer,
-    bias_correction,
-    gain_correction,
 )
 
 INT4_G32 = QuantFormat(INT4, PerGroup(32))
@@ -104,29 +102,6 @@ def test_seeded_runs_are_identical() -> None:
     assert torch.equal(a.qtensor.codes, c.qtensor.codes)
     assert a.bias is not None and c.bias is not None
     assert torch.equal(a.bias, c.bias)
-
-
-def test_bias_correction_matches_means() -> None:
-    g = torch.Generator().manual_seed(0)
-    fp = torch.randn(4, 10, 6, generator=g)
-    shift = torch.arange(6.0)
-    delta = bias_correction(fp, fp - shift)
-    assert torch.allclose(delta, shift, atol=1e-6)
-    nchw = torch.randn(2, 3, 5, 5, generator=g)
-    per_channel = torch.tensor([0.5, -1.0, 2.0])[None, :, None, None]
-    assert torch.allclose(
-        bias_correction(nchw, nchw - per_channel, channel_dim=1), per_channel.flatten()
-    )
-
-
-def test_gain_correction_is_least_squares() -> None:
-    fp = torch.randn(100, 4)
-    gain = gain_correction(fp, fp / torch.tensor([2.0, 4.0, 1.0, 0.5]))
-    assert torch.allclose(gain, torch.tensor([2.0, 4.0, 1.0, 0.5]), rtol=1e-5)
-    zeros = gain_correction(fp, torch.zeros_like(fp))
-    assert torch.equal(zeros, torch.ones(4))
-    with pytest.raises(ValueError, match="equal shapes"):
-        gain_correction(fp, fp[:, :3])
 
 
 def test_channel_scale_formats_are_refused() -> None:
