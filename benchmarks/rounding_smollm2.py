@@ -12,7 +12,8 @@ run_compressed=False)``, fp32) and evaluated with the same function. Wall time i
 quantization step only: our ``Pipeline.run`` vs llm-compressor's ``oneshot``.
 "+ MSE clip" rows search each group's clip ratio for the least squared weight error
 (``QuantFormat(clip="mse")``); for GPTQ that fixes the static scales before the sweep,
-for AdaRound the fixed scales it learns the rounding for.
+for AdaRound the fixed scales it learns the rounding for. "+ stats tuning" rows refit each
+layer's per-channel output gain and mean to the FP layer afterwards (``--stats-tuning``).
 
 Usage::
 
@@ -42,6 +43,7 @@ from ptq.formats.presets import get_preset
 from ptq.models.paths import default_eval_file
 from ptq.models.source import load_fp_model, resolve_model
 from ptq.passes.adaptive import AdaQuantPass, AdaRoundPass
+from ptq.passes.bias_correction import BiasCorrectionConfig, BiasCorrectionPass
 from ptq.passes.gptq import GPTQPass, GPTQPassConfig
 from ptq.passes.rtn import RTNPass
 from ptq.pipeline import Pass, PassContext, Pipeline, QuantState
@@ -49,6 +51,7 @@ from ptq.plan import build_plan
 from ptq.scheme import Scheme
 
 ROOT = Path(__file__).resolve().parent
+STATS_TUNING = BiasCorrectionConfig(activation_quantized_only=False, gain=True)
 FORMATS: dict[str, QuantFormat] = {
     "int4_g64": get_preset("int4_g64"),
     "int4_channel": get_preset("int4_channel"),
@@ -66,6 +69,8 @@ OURS: dict[str, Callable[[], Pass]] = {
     "AdaRound + MSE clip": AdaRoundPass,
     "RTN full-range": RTNPass,
     "GPTQ act-order full-range": GPTQPass,
+    "RTN + stats tuning": lambda: BiasCorrectionPass(RTNPass(), STATS_TUNING),
+    "GPTQ act-order + stats tuning": lambda: BiasCorrectionPass(GPTQPass(), STATS_TUNING),
 }
 
 
