@@ -120,3 +120,12 @@ def capture_block_inputs(
 def run_block(block: nn.Module, inputs: list[BlockInput]) -> list[torch.Tensor]:
     """Outputs of ``block`` for each captured input."""
     return [block_output(block(x.hidden, *x.args, **x.kwargs)) for x in inputs]
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """A calibration batch (token ids or a dict of inputs) on ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return batch

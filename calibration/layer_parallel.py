@@ -31,7 +31,7 @@ from ptq.calibration.distributed import (
     chain_reduce,
 )
 from ptq.calibration.ordered_hessian import OrderedHessian
-from ptq.calibration.runner import LayerStats, StatsRequest, _new_stats
+from ptq.calibration.stages import LayerStats, StatsRequest, _new_stats
 from ptq.errors import PtqUsageError
 from ptq.formats import QTensor
 from ptq.serialization import format_from_dict, format_to_dict

@@ -1,15 +1,18 @@
-"""Write a quantized model as a compressed-tensors checkpoint (what vLLM loads).
+"""Write a quantized model as a compressed-tensors checkpoint (what vLLM loads), streamed.
 
-The folder holds ``config.json`` with ``quantization_config``, the weights as safetensors
-(quantized Linears in their packed layout, everything else as in the source), the
-tokenizer and generation config copied from the source, and ``ptq_plan.json``. Every
-quantized tensor is produced from the same :class:`~ptq.formats.QTensor` the emulation
-uses, so decompressing it gives the emulated weight bit for bit.
+The block-wise runner hands every finished unit to :class:`CompressedTensorsOutput`:
+quantized Linears go to the shard writer (:mod:`ptq.exporters.shard_writer`) in their
+packed layout, every other tensor as the model holds it (fp32), KV-cache scales as
+``k_scale``/``v_scale``; outer tensors no pass touched are copied as stored.
+:meth:`CompressedTensorsOutput.finish` then writes the shards and ``config.json`` with
+``quantization_config``, copies the tokenizer and generation config, and writes
+``ptq_plan.json``, ``ptq_records.json`` and the manifest. Every quantized tensor is
+produced from the same :class:`~ptq.formats.QTensor` the emulation uses, so
+decompressing it gives the emulated weight bit for bit.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import shutil
 from collections.abc import Iterator
@@ -19,9 +22,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ptq.calibration.runner import Writer
 from ptq.exporters.ct_config import build_quantization_config
 from ptq.exporters.manifest import write_manifest
-from ptq.exporters.safe_write import write_shards
+from ptq.exporters.shard_writer import ShardWriter
 from ptq.formats.ct_layout import ct_format_name, to_compressed_tensors
 from ptq.formats.ptq_layout import to_ptq_layout
 from ptq.plan import QuantPlan
@@ -38,6 +42,7 @@ COPIED_FILES = (
     "generation_config.json",
     "chat_template.jinja",
 )
+BIAS_GROUPS = {"attention_bias": ".self_attn.", "mlp_bias": ".mlp."}
 
 
 def quantized_tensors(module: QuantLinear) -> dict[str, torch.Tensor]:
@@ -54,126 +59,167 @@ def quantized_tensors(module: QuantLinear) -> dict[str, torch.Tensor]:
     return out
 
 
-def model_tensors(model: nn.Module, tied_lm_head: bool) -> Iterator[tuple[str, torch.Tensor]]:
-    """All tensors to save: packed for QuantLinears, as-is for the rest."""
-    quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-    for name, module in quantized.items():
-        for local, t in quantized_tensors(module).items():
-            yield f"{name}.{local}", t
-    prefixes = tuple(f"{n}." for n in quantized)
-    seen: set[int] = set()
-    for key, t in model.state_dict().items():
-        if key.startswith(prefixes):
-            continue
-        if tied_lm_head and key == "lm_head.weight":
-            continue
-        if t.data_ptr() in seen and t.numel():
-            continue
-        seen.add(t.data_ptr())
-        yield key, t
+def unit_tensors(
+    module: nn.Module, prefix: str, skip: str | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of ``module`` to save (names ``prefix + local``), none under ``skip``.
 
-
-def export_compressed_tensors(
-    model: nn.Module,
-    plan: QuantPlan,
-    source_dir: Path,
-    source_config: dict[str, Any],
-    out: Path,
-    *,
-    records: dict[str, Any] | None = None,
-) -> None:
-    """Write the checkpoint into ``out`` (an existing, empty, temporary folder)."""
-    model_config = getattr(model, "config", None)
-    tied = bool(
-        getattr(
-            model_config, "tie_word_embeddings", source_config.get("tie_word_embeddings", False)
-        )
-    )
-    tied = tied and "lm_head" not in plan.layers
-    kv_scales = _kv_scales(model)
-    _zero_fill_biases(model)
-    extra = sum((source_dir / f).stat().st_size for f in COPIED_FILES if (source_dir / f).is_file())
-    tensors = model_tensors(model, tied)
-    if kv_scales:
-        tensors = itertools.chain(tensors, kv_scales.items())
-    write_shards(tensors, out, extra_bytes=extra)
-    layers = [plan.layers[n] for n, m in model.named_modules() if isinstance(m, QuantLinear)]
-    config = dict(source_config)
-    ignore = sorted(n for n in plan.skipped if _is_linear(model, n))
-    config["quantization_config"] = build_quantization_config(layers, ignore)
-    if "tie_word_embeddings" in source_config or not tied:
-        config["tie_word_embeddings"] = tied
-    config.update(_bias_flags(model))
-    if kv_scales:
-        bits = 8
-        config["quantization_config"]["kv_cache_scheme"] = {
-            "num_bits": bits,
-            "type": _kv_type(model),
-            "symmetric": True,
-            "strategy": "tensor",
-            "dynamic": False,
-        }
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    for fname in COPIED_FILES:
-        if (source_dir / fname).is_file():
-            shutil.copy2(source_dir / fname, out / fname)
-    (out / "ptq_plan.json").write_text(plan.to_json())
-    if records:
-        (out / "ptq_records.json").write_text(json.dumps(records, indent=2, default=str))
-    write_manifest(out)
-
-
-def _kv_scales(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``k_scale``/``v_scale`` tensors when the KV-cache pass ran (else empty)."""
+    Quantized Linears give their packed tensors, the rest its state dict (a tensor
+    shared by two names, a tied LM head, once: under its first name), plus KV-cache
+    scales when the KV-cache pass ran.
+    """
     from ptq.passes.kv_cache import kv_cache_scales
 
-    return {k: v.float().reshape(1) for k, v in kv_cache_scales(model).items()}
+    def wanted(name: str) -> bool:
+        return skip is None or not name.startswith(skip)
 
-
-def _kv_type(model: nn.Module) -> str:
-    from ptq.passes.kv_cache import KVFakeQuant
-
-    for m in model.modules():
-        if isinstance(m, KVFakeQuant):
-            return "int" if m.dtype == "int8" else "float"
-    return "float"
-
-
-def _bias_groups(model: nn.Module) -> dict[str, list[QuantLinear]]:
-    groups: dict[str, list[QuantLinear]] = {"attention_bias": [], "mlp_bias": []}
-    for name, m in model.named_modules():
-        if isinstance(m, QuantLinear):
-            key = (
-                "attention_bias"
-                if ".self_attn." in name
-                else "mlp_bias"
-                if ".mlp." in name
-                else None
-            )
-            if key:
-                groups[key].append(m)
-    return groups
-
-
-def _zero_fill_biases(model: nn.Module) -> None:
-    """Where bias correction gave some layers of a group a bias, give the rest zeros.
-
-    Llama-family configs switch biases per group (``attention_bias``, ``mlp_bias``), so
-    a checkpoint must have all of a group's biases or none.
-    """
-    for layers in _bias_groups(model).values():
-        if any(m.bias is not None for m in layers):
-            for m in layers:
-                if m.bias is None:
-                    m.bias = nn.Parameter(torch.zeros(m.out_features), requires_grad=False)
-
-
-def _bias_flags(model: nn.Module) -> dict[str, bool]:
-    return {
-        k: True
-        for k, layers in _bias_groups(model).items()
-        if any(m.bias is not None for m in layers)
+    quantized = {
+        n: m for n, m in module.named_modules() if isinstance(m, QuantLinear) and wanted(prefix + n)
     }
+    for name, qmod in quantized.items():
+        for local, t in quantized_tensors(qmod).items():
+            yield f"{prefix}{name}.{local}", t
+    inside = tuple(f"{n}." for n in quantized)
+    seen: set[int] = set()
+    for key, t in module.state_dict(keep_vars=True).items():
+        if key.startswith(inside) or not wanted(prefix + key):
+            continue
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        yield prefix + key, t.detach()
+    for key, t in kv_cache_scales(module).items():
+        if wanted(prefix + key):
+            yield prefix + key, t.float().reshape(1)
+
+
+class TensorsWriter(Writer):
+    """Every finished tensor into a shard writer; :meth:`close` writes the shards into
+    ``folder`` (the intermediate FP weights of a run split in two sweeps)."""
+
+    def __init__(self, shards: ShardWriter, folder: Path | None = None) -> None:
+        self.shards = shards
+        self.folder = folder
+
+    def tensors(self, module: nn.Module, prefix: str, skip: str | None = None) -> None:
+        for name, t in unit_tensors(module, prefix, skip):
+            if name not in self.shards:
+                self.shards.add(name, t)
+
+    def stored(self, name: str, tensor: torch.Tensor) -> None:
+        if name not in self.shards:
+            self.shards.add(name, tensor)
+
+    def close(self) -> None:
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self.shards.finish(self.folder)
+
+
+class CompressedTensorsOutput(Writer):
+    """The runner's writer for a compressed-tensors folder (see the module docstring).
+
+    Args:
+        shards: The streaming shard writer (spools in the run's work folder).
+        plan: The plan (config groups, ``ptq_plan.json``).
+        model: The module tree (its config after the passes' ``prepare``; which skipped
+            layers are Linears).
+        source_dir: The source model folder (tokenizer files are copied from it).
+        source_config: The source ``config.json``.
+    """
+
+    def __init__(
+        self,
+        shards: ShardWriter,
+        plan: QuantPlan,
+        model: nn.Module,
+        source_dir: Path,
+        source_config: dict[str, Any],
+    ) -> None:
+        self.shards = shards
+        self.plan = plan
+        self.model = model
+        self.source_dir = source_dir
+        self.source_config = source_config
+
+    def _tied(self) -> bool:
+        cfg = getattr(self.model, "config", None)
+        tied = bool(
+            getattr(cfg, "tie_word_embeddings", self.source_config.get("tie_word_embeddings"))
+        )
+        return tied and "lm_head" not in self.plan.layers
+
+    def tensors(self, module: nn.Module, prefix: str, skip: str | None = None) -> None:
+        for name, t in unit_tensors(module, prefix, skip):
+            if self._tied() and name == "lm_head.weight":
+                continue
+            if name not in self.shards:
+                self.shards.add(name, t)
+
+    def stored(self, name: str, tensor: torch.Tensor) -> None:
+        if self._tied() and name == "lm_head.weight":
+            return
+        if name not in self.shards:
+            self.shards.add(name, tensor)
+
+    def state(self) -> dict[str, Any]:
+        return self.shards.state()
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.shards.restore(state)
+
+    def _fill_group_biases(self, quantized: list[str]) -> dict[str, bool]:
+        """Where some layers of a bias group (``attention_bias``, ``mlp_bias``) have a
+        bias (bias correction), give the group's other quantized layers zeros: a
+        Llama-family config switches biases per group, all or none."""
+        flags: dict[str, bool] = {}
+        for flag, part in BIAS_GROUPS.items():
+            members = [n for n in quantized if part in n]
+            if not any(f"{n}.bias" in self.shards for n in members):
+                continue
+            flags[flag] = True
+            for n in members:
+                if f"{n}.bias" not in self.shards:
+                    self.shards.add(f"{n}.bias", torch.zeros(self.plan.layers[n].out_features))
+        return flags
+
+    def finish(self, out: Path, quantized: list[str], records: dict[str, Any] | None) -> None:
+        """Write the shards and every other file of the output into ``out``."""
+        from ptq.passes.kv_cache import KV_SCALE_SUFFIXES
+
+        flags = self._fill_group_biases(quantized)
+        extra = sum(
+            (self.source_dir / f).stat().st_size
+            for f in COPIED_FILES
+            if (self.source_dir / f).is_file()
+        )
+        self.shards.finish(out, extra_bytes=extra)
+        config = dict(self.source_config)
+        ignore = sorted(n for n in self.plan.skipped if _is_linear(self.model, n))
+        config["quantization_config"] = build_quantization_config(
+            [self.plan.layers[n] for n in quantized], ignore
+        )
+        tied = self._tied()
+        if "tie_word_embeddings" in self.source_config or not tied:
+            config["tie_word_embeddings"] = tied
+        config.update(flags)
+        if any(n.endswith(KV_SCALE_SUFFIXES) for n in self.shards.names):
+            kv = (records or {}).get("kv_cache", {})
+            config["quantization_config"]["kv_cache_scheme"] = {
+                "num_bits": 8,
+                "type": "int" if kv.get("dtype") == "int8" else "float",
+                "symmetric": True,
+                "strategy": "tensor",
+                "dynamic": False,
+            }
+        (out / "config.json").write_text(json.dumps(config, indent=2))
+        for fname in COPIED_FILES:
+            if (self.source_dir / fname).is_file():
+                shutil.copy2(self.source_dir / fname, out / fname)
+        (out / "ptq_plan.json").write_text(self.plan.to_json())
+        if records:
+            (out / "ptq_records.json").write_text(json.dumps(records, indent=2, default=str))
+        write_manifest(out)
 
 
 def _is_linear(model: nn.Module, name: str) -> bool:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ptq.calibration.layer_inputs import geometry, rows_forward, weight_2d
-from ptq.calibration.runner import LayerStats, StatsRequest
+from ptq.calibration.stages import LayerStats, StatsRequest
 from ptq.formats import QTensor
 from ptq.passes.adaquant_math import AdaQuantConfig, adaquant_layer
 from ptq.passes.adaround_math import AdaRoundConfig, adaround_reconstruct

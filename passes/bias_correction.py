@@ -14,8 +14,9 @@ channel's output is first rescaled by the least-squares gain
 weight's per-channel scales; this is the norm re-estimation step of Hubara et al.
 ("Accurate Post Training Quantization With Small Calibration Sets", ICML 2021: bias and
 batch-norm tuning), fitted for least output MSE. The inputs ``x`` are the quantized
-model's own, observed in a forward pass; the FP reference ``y_fp`` is the layer with its
-FP weight on those same inputs. Linear layers (and transformers ``Conv1D``) and
+model's own (on each unit of the block-wise runner: the calibration stream through the
+already quantized and corrected earlier blocks); the FP reference ``y_fp`` is the layer
+with its FP weight on those same inputs. Linear layers (and transformers ``Conv1D``) and
 convolutions are corrected.
 
 Like :class:`~ptq.passes.lorc.LoRCPass`, :class:`BiasCorrectionPass` wraps the weight
@@ -24,7 +25,7 @@ pass so it can keep the FP weights that pass discards.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
@@ -32,14 +33,12 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ptq.calibration.blocks import forward_batch
-from ptq.calibration.runner import split_calibration
 from ptq.formats import dequantize
 from ptq.formats.scales import encode_scale
 from ptq.frontend.qconv import QuantConv2d
 from ptq.frontend.quantizable import is_hf_conv1d
 from ptq.passes.output_stats import ChannelMoments
-from ptq.pipeline import Pass, PassContext, Pipeline, QuantState
+from ptq.pipeline import Pass, PassContext, QuantState
 from ptq.qlinear import QuantLinear
 
 QuantLayer = QuantLinear | QuantConv2d
@@ -80,10 +79,10 @@ def fp_output(
 def output_moments(
     model: nn.Module,
     fp: dict[str, tuple[torch.Tensor, torch.Tensor | None]],
-    calibration: Any,
-    batch_size: int = 8,
+    forwards: Sequence[Callable[[], Any]],
 ) -> dict[str, ChannelMoments]:
-    """Per-channel moments of each named quantized layer's output against its FP twin."""
+    """Per-channel moments of each named quantized layer's output against its FP twin,
+    over the calibration ``forwards`` (a unit's, :meth:`ptq.calibration.units.Unit.forwards`)."""
     moments: dict[str, ChannelMoments] = {}
     handles = []
     for name, (w, b) in fp.items():
@@ -108,8 +107,8 @@ def output_moments(
         handles.append(module.register_forward_hook(hook))
     try:
         with torch.no_grad():
-            for batch in split_calibration(calibration, batch_size):
-                forward_batch(model, batch)
+            for forward in forwards:
+                forward()
     finally:
         for h in handles:
             h.remove()
@@ -120,12 +119,11 @@ def output_bias_shift(
     model: nn.Module,
     fp_weights: dict[str, torch.Tensor],
     fp_biases: dict[str, torch.Tensor | None],
-    calibration: Any,
-    batch_size: int = 8,
+    forwards: Sequence[Callable[[], Any]],
 ) -> dict[str, torch.Tensor]:
     """``mean_x (y_fp(x) - layer(x))`` [out] for each named quantized layer."""
     fp = {n: (w, fp_biases.get(n)) for n, w in fp_weights.items()}
-    return {n: m.shift() for n, m in output_moments(model, fp, calibration, batch_size).items()}
+    return {n: m.shift() for n, m in output_moments(model, fp, forwards).items()}
 
 
 def gain_blocker(module: QuantLayer) -> str | None:
@@ -182,17 +180,13 @@ class BiasCorrectionConfig:
     gain: Also fit each output channel's least-squares gain (norm re-estimation),
         where it folds into the scales (fp32/fp16/bf16 per-row scales, no LoRC).
     gain_bounds: Clamp of the gain (guards near-dead channels).
-    batch_size: Calibration sequences per forward.
     """
 
     activation_quantized_only: bool = True
     gain: bool = False
     gain_bounds: tuple[float, float] = (0.5, 2.0)
-    batch_size: int = 8
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         lo, hi = self.gain_bounds
         if not 0.0 < lo <= 1.0 <= hi:
             raise ValueError(f"gain_bounds need 0 < lo <= 1 <= hi, got {self.gain_bounds}")
@@ -220,21 +214,28 @@ class BiasCorrectionPass(Pass):
     def __repr__(self) -> str:
         return f"bias_correction({self.config!r}, inner={self.inner!r})"
 
-    def run(self, state: QuantState, ctx: PassContext) -> None:
-        if ctx.calibration is None:
-            raise ValueError("bias_correction needs calibration tokens (ctx.calibration is None)")
+    def inner_passes(self) -> list[Pass]:
+        return list(self.inner)
+
+    def run_unit(self, state: QuantState, ctx: PassContext) -> None:
+        unit = state.unit
+        assert unit is not None
         cfg = self.config
         names = [
-            lp.name
-            for lp in state.plan
-            if lp.activation is not None or not cfg.activation_quantized_only
+            n
+            for n in unit.layers
+            if state.plan.layers[n].activation is not None or not cfg.activation_quantized_only
         ]
         fp = {n: fp_weight_and_bias(state.model.get_submodule(n)) for n in names}
-        Pipeline(self.inner).run(state, ctx)
+        for p in self.inner:
+            p.run_unit(state, ctx)
+        if not names:
+            return
+        if ctx.calibration is None:
+            raise ValueError("bias_correction needs calibration tokens (ctx.calibration is None)")
         records: dict[str, dict[str, Any]] = {n: {} for n in names}
-        if cfg.gain and names:
-            moments = output_moments(state.model, fp, ctx.calibration, cfg.batch_size)
-            for n, mom in moments.items():
+        if cfg.gain:
+            for n, mom in output_moments(state.model, fp, unit.forwards()).items():
                 module = state.model.get_submodule(n)
                 assert isinstance(module, QuantLinear | QuantConv2d)
                 if (reason := gain_blocker(module)) is not None:
@@ -245,13 +246,11 @@ class BiasCorrectionPass(Pass):
                 records[n]["gain_mean"] = float(gain.mean())
                 records[n]["gain_min"] = float(gain.min())
                 records[n]["gain_max"] = float(gain.max())
-        if names:
-            moments = output_moments(state.model, fp, ctx.calibration, cfg.batch_size)
-            for n, mom in moments.items():
-                delta = mom.shift()
-                module = state.model.get_submodule(n)
-                assert isinstance(module, QuantLinear | QuantConv2d)
-                add_bias(module, delta)
-                records[n]["shift_abs_mean"] = float(delta.abs().mean())
-                records[n]["mse_reduction"] = float(mom.mse_reduction().mean())
-        ctx.records["bias_correction"] = records
+        for n, mom in output_moments(state.model, fp, unit.forwards()).items():
+            delta = mom.shift()
+            module = state.model.get_submodule(n)
+            assert isinstance(module, QuantLinear | QuantConv2d)
+            add_bias(module, delta)
+            records[n]["shift_abs_mean"] = float(delta.abs().mean())
+            records[n]["mse_reduction"] = float(mom.mse_reduction().mean())
+        ctx.records.setdefault("bias_correction", {}).update(records)

@@ -6,8 +6,11 @@ cached; :mod:`ptq.passes.allocation.measure`) and exact costs ``cost[l, c]``, ch
 ``x[l, c] in {0, 1}`` minimising ``sum x dL`` subject to one candidate per layer (or per
 tied group) and ``sum x cost <= B`` (:func:`~ptq.passes.allocation.solver.solve_ilp`).
 
-The pass runs *before* the weight pass (RTN, GPTQ, ...): it sets each planned layer's
-format to its chosen candidate; a dense choice (``fp16``) moves the layer to
+The pass decides for the whole model at once, so it splits the block-wise run in two
+(:func:`ptq.calibration.runner.run_passes`): the passes before it (rotation,
+SmoothQuant) transform the model in a first sweep, the sensitivities are measured on
+the transformed model read one block at a time, and the weight pass (RTN, GPTQ, ...)
+runs in the second sweep. It sets each planned layer's format to its chosen candidate; a dense choice (``fp16``) moves the layer to
 ``plan.skipped`` with reason ``"allocation: fp16"``. LoRC choices are recorded in
 ``ctx.records["allocation"]["lorc"]`` and applied after the weight pass by
 :class:`AllocatedLoRCPass` (which wraps the weight pass).
@@ -21,10 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
+
+from ptq.models.weight_source import WeightSource
 from ptq.passes.allocation.measure import Estimator, MeasureConfig
-from ptq.pipeline import Pass, PassContext, Pipeline, QuantState
+from ptq.pipeline import Pass, PassContext, QuantState
 from ptq.plan import LayerPlan, QuantPlan
-from ptq.qlinear import QuantLinear
 
 DEFAULT_CANDIDATES = "int8_channel,fp8,int4_g128,int4_g64,nvfp4,mxfp4,int3_g64,fp16"
 DEFAULT_TIES: tuple[tuple[str, ...], ...] = (
@@ -137,12 +142,13 @@ class BitAllocationPass(Pass):
     name: ClassVar[str] = "bit_allocation"
     ensures: ClassVar[tuple[str, ...]] = ("allocation",)
     needs_calibration: ClassVar[bool] = True
+    before_weights: ClassVar[bool] = True
+    decides: ClassVar[bool] = True
 
     def __init__(self, config: BitAllocationConfig) -> None:
         self.config = config
 
-    def run(self, state: QuantState, ctx: PassContext) -> None:
-        from ptq.calibration.blocks import find_blocks
+    def decide(self, source: WeightSource, state: QuantState, ctx: PassContext) -> None:
         from ptq.passes.allocation import (
             allowed_by_pattern,
             at_least_bits,
@@ -156,18 +162,11 @@ class BitAllocationPass(Pass):
         from ptq.passes.allocation.measure import cached_sensitivity, supported
 
         cfg = self.config
-        if ctx.calibration is None:
-            raise ValueError("pass 'bit_allocation' needs calibration data (none was loaded)")
+        if not isinstance(ctx.calibration, torch.Tensor):
+            raise ValueError("pass 'bit_allocation' needs calibration token ids (none were loaded)")
         layers = list(state.plan.layers)
-        done = [n for n in layers if isinstance(state.model.get_submodule(n), QuantLinear)]
-        if done:
-            raise ValueError(
-                f"pass 'bit_allocation' must run before the weight pass; already quantized: "
-                f"{done[:3]} (passes run so far: {', '.join(ctx.history) or 'none'})"
-            )
-        found = find_blocks(state.model)
-        prefix = f"{found[0]}." if found is not None else ""
-        outside = [n for n in layers if not n.startswith(prefix)] if found is not None else []
+        prefix = f"{source.block_path}." if source.block_path is not None else ""
+        outside = [n for n in layers if not n.startswith(prefix)] if prefix else []
         if outside:
             print(
                 f"note: {len(outside)} layer(s) outside the repeated blocks keep the scheme's "
@@ -179,7 +178,7 @@ class BitAllocationPass(Pass):
             ctx.logger.warning(msg)
             print(f"note: {msg}")
         table, path, hit = cached_sensitivity(
-            state.model,
+            source,
             layers,
             cands,
             ctx.calibration,
@@ -250,20 +249,21 @@ class AllocatedLoRCPass(Pass):
     def __repr__(self) -> str:
         return f"allocated_lorc(inner={self.inner!r})"
 
-    def run(self, state: QuantState, ctx: PassContext) -> None:
+    def inner_passes(self) -> list[Pass]:
+        return [self.inner]
+
+    def run_unit(self, state: QuantState, ctx: PassContext) -> None:
         from ptq.passes.allocation import parse_candidate
         from ptq.passes.allocation.measure import lorc_factor_format
-
-        chosen = ctx.records.get("allocation", {}).get("lorc", {})
-        if not chosen:
-            Pipeline([self.inner]).run(state, ctx)
-            return
         from ptq.passes.lorc import apply_lorc, snapshot_weights
 
-        fp = snapshot_weights(state.model, list(chosen))
-        Pipeline([self.inner]).run(state, ctx)
+        assert state.unit is not None
+        chosen = ctx.records.get("allocation", {}).get("lorc", {})
+        mine = {n: info for n, info in chosen.items() if n in state.unit.layers}
+        fp = snapshot_weights(state.model, list(mine))
+        self.inner.run_unit(state, ctx)
         by_format: dict[str, dict[str, int]] = {}
-        for layer, info in chosen.items():
+        for layer, info in mine.items():
             factor_fmt = lorc_factor_format(parse_candidate(info["candidate"]))
             assert factor_fmt is not None
             by_format.setdefault(factor_fmt, {})[layer] = int(info["rank"])

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ptq.calibration.layer_inputs import geometry, weight_2d
-from ptq.calibration.runner import LayerStats, StatsRequest
+from ptq.calibration.stages import LayerStats, StatsRequest
 from ptq.formats import QTensor, QuantFormat, dequantize, quantize
 from ptq.passes.gptq_math import GPTQConfig, GPTQResult, gptq_quantize
 from ptq.passes.layerwise import LayerwisePass, output_error

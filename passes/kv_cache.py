@@ -7,6 +7,9 @@ range. The runtime quantizes keys *after* RoPE; RoPE rotates pairs of channels
 for every position. Taking ``r_k`` as the maximum of that pair norm (``rope_safe``)
 gives a scale that never clips post-RoPE keys, although it is observed on ``k_proj``.
 
+The scales of block ``i`` are calibrated on the calibration stream entering it (the
+already quantized earlier blocks, KV quantization included), one block at a time.
+
 Emulation: a :class:`KVFakeQuant` child (``self_attn.k_quant`` / ``v_quant``) is applied
 to ``k_proj``/``v_proj`` outputs by a forward hook (before RoPE for keys: an
 approximation of the runtime's post-RoPE rounding with the same scale).
@@ -23,12 +26,12 @@ from torch import nn
 
 from ptq.activation import fake_quantize_activation
 from ptq.formats import FP8_E4M3, INT8, ElementFormat
-from ptq.passes._groups import child, llama_residual, tensor_attr
-from ptq.passes.act_calibration import run_calibration
+from ptq.passes._groups import child, tensor_attr
 from ptq.pipeline import Pass, PassContext, QuantState
 from ptq.scheme import ActivationScheme
 
 KVDtype = Literal["fp8_e4m3", "int8"]
+KV_SCALE_SUFFIXES = (".k_scale", ".v_scale")
 _ELEMENTS: dict[str, ElementFormat] = {"fp8_e4m3": FP8_E4M3, "int8": INT8}
 
 
@@ -62,20 +65,16 @@ class KVCacheConfig:
     """Args:
     dtype: ``fp8_e4m3`` or ``int8`` cache elements.
     rope_safe: Key range from the RoPE pair-norm bound (else plain ``max |k|``).
-    batch_size: Calibration sequences per forward.
     """
 
     dtype: KVDtype = "fp8_e4m3"
     rope_safe: bool = True
-    batch_size: int = 8
 
     def __post_init__(self) -> None:
         if self.dtype not in _ELEMENTS:
             raise ValueError(
                 f"KV-cache dtype must be one of {sorted(_ELEMENTS)}, not {self.dtype!r}"
             )
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
 def _install(attn: nn.Module, proj: str, quant: KVFakeQuant) -> None:
@@ -98,52 +97,51 @@ class KVCachePass(Pass):
     def __init__(self, config: KVCacheConfig | None = None) -> None:
         self.config = config or KVCacheConfig()
 
-    def run(self, state: QuantState, ctx: PassContext) -> None:
+    def run_unit(self, state: QuantState, ctx: PassContext) -> None:
+        unit = state.unit
+        assert unit is not None
+        if unit.kind != "block":
+            return
         if ctx.calibration is None:
             raise ValueError("kv_cache needs calibration tokens (ctx.calibration is None)")
-        model = state.model
+        attn = child(unit.module, "self_attn")
+        where = f"{unit.prefix}self_attn"
+        if hasattr(attn, "k_quant"):
+            raise ValueError(f"{where} already has KV-cache quantization")
+        kv_heads = int(getattr(state.model.config, "num_key_value_heads", 1))
+        head_dim = int(getattr(attn, "head_dim", 0)) or int(
+            tensor_attr(child(attn, "k_proj"), "weight").shape[0] // kv_heads
+        )
         ranges: dict[str, torch.Tensor] = {}
         handles = []
-        for p in llama_residual(model).layers:
-            attn = model.get_submodule(f"{p}.self_attn")
-            if hasattr(attn, "k_quant"):
-                raise ValueError(f"{p}.self_attn already has KV-cache quantization")
-            head_dim = int(getattr(attn, "head_dim", 0)) or int(
-                tensor_attr(child(attn, "k_proj"), "weight").shape[0]
-                // int(getattr(model.config, "num_key_value_heads", 1))
-            )
-            for proj in ("k_proj", "v_proj"):
-                key = f"{p}.self_attn.{proj[0]}_scale"
-                rope = proj == "k_proj" and self.config.rope_safe
+        for proj in ("k_proj", "v_proj"):
+            rope = proj == "k_proj" and self.config.rope_safe
 
-                def hook(
-                    _m: nn.Module,
-                    _a: tuple[Any, ...],
-                    y: torch.Tensor,
-                    key: str = key,
-                    rope: bool = rope,
-                    hd: int = head_dim,
-                ) -> None:
-                    r = rope_pair_absmax(y.detach(), hd) if rope else y.detach().abs().amax()
-                    ranges[key] = torch.maximum(ranges[key], r) if key in ranges else r.float()
+            def hook(
+                _m: nn.Module,
+                _a: tuple[Any, ...],
+                y: torch.Tensor,
+                key: str = proj,
+                rope: bool = rope,
+            ) -> None:
+                r = rope_pair_absmax(y.detach(), head_dim) if rope else y.detach().abs().amax()
+                ranges[key] = torch.maximum(ranges[key], r) if key in ranges else r.float()
 
-                handles.append(getattr(attn, proj).register_forward_hook(hook))
+            handles.append(child(attn, proj).register_forward_hook(hook))
         try:
-            run_calibration(model, ctx.calibration, self.config.batch_size)
+            with torch.no_grad():
+                for forward in unit.forwards():
+                    forward()
         finally:
             for h in handles:
                 h.remove()
         qmax = _ELEMENTS[self.config.dtype].max_value
-        for p in llama_residual(model).layers:
-            attn = model.get_submodule(f"{p}.self_attn")
-            for proj in ("k_proj", "v_proj"):
-                r = ranges[f"{p}.self_attn.{proj[0]}_scale"]
-                scale = torch.where(r > 0, r / qmax, torch.ones_like(r))
-                _install(attn, proj, KVFakeQuant(self.config.dtype, scale))
-        ctx.records["kv_cache"] = {
-            "dtype": self.config.dtype,
-            "scales": {k: float(v) for k, v in kv_cache_scales(model).items()},
-        }
+        record = ctx.records.setdefault("kv_cache", {"dtype": self.config.dtype, "scales": {}})
+        for proj in ("k_proj", "v_proj"):
+            r = ranges[proj]
+            scale = torch.where(r > 0, r / qmax, torch.ones_like(r))
+            _install(attn, proj, KVFakeQuant(self.config.dtype, scale))
+            record["scales"][f"{where}.{proj[0]}_scale"] = float(scale)
 
 
 def kv_cache_scales(model: nn.Module) -> dict[str, torch.Tensor]:

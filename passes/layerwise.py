@@ -1,8 +1,9 @@
 """Shared driver for per-layer rounding optimisers (GPTQ, AdaRound, AdaQuant).
 
 A :class:`LayerwisePass` declares the statistics it needs (:class:`StatsRequest`) and
-implements :meth:`quantize_layer`; the block-wise runner feeds it one stage of one block
-at a time and propagates the quantized outputs. Every layer is seen as ``Y = X W^T``
+implements :meth:`quantize_layer`; on each unit of the block-wise runner it quantizes
+the unit's layers stage by stage (:func:`ptq.calibration.stages.run_stages`) from the
+calibration stream, and the runner propagates the quantized outputs. Every layer is seen as ``Y = X W^T``
 over input rows (:mod:`ptq.calibration.layer_inputs`): Linear, GPT-2 ``Conv1D`` (weight
 transposed) and ``nn.Conv1d/2d`` (weight ``[O, I/g * kh * kw]``, im2col rows). Quantized
 layers become :class:`~ptq.qlinear.QuantLinear` or
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 from ptq.calibration.layer_inputs import geometry, rows_forward
-from ptq.calibration.runner import BlockwiseRunner, LayerStats, StageParallel, StatsRequest
+from ptq.calibration.stages import LayerStats, StageParallel, StatsRequest, run_stages
 from ptq.formats import QTensor
 from ptq.frontend.qconv import QuantConv2d
 from ptq.modules import replace_module
@@ -30,7 +31,6 @@ from ptq.plan import LayerPlan
 from ptq.qlinear import QuantLinear
 from ptq.scheme import ActivationScheme
 
-CALIBRATION_BATCH = 8
 QUANTIZED_TYPES: tuple[type[nn.Module], ...] = (QuantLinear, QuantConv2d)
 
 
@@ -90,19 +90,21 @@ class LayerwisePass(Pass):
         """Return the quantized ``[O, K]`` weight, an optional new bias and a record."""
         raise NotImplementedError
 
-    def run(self, state: QuantState, ctx: PassContext) -> None:
+    def run_unit(self, state: QuantState, ctx: PassContext) -> None:
+        unit = state.unit
+        assert unit is not None
+        if not unit.layers:
+            return
         if ctx.calibration is None:
             raise ValueError(f"pass {self.name!r} needs calibration data (none was loaded)")
         model, plan = state.model, state.plan
         records: dict[str, Any] = ctx.records.setdefault("layers", {})
-        last: list[str] = [""]
-
         results: dict[str, tuple[QTensor, torch.Tensor | None, dict[str, Any]]] = {}
 
         def install(name: str, qt: QTensor, bias: torch.Tensor | None, rec: dict[str, Any]) -> None:
             records[name] = rec
             short = ".".join(name.rsplit(".", 2)[-2:])
-            last[0] = f"{short} err={rec.get('rel_output_error', math.nan):.2e}"
+            ctx.status = f"{short} err={rec.get('rel_output_error', math.nan):.2e}"
             layer = model.get_submodule(name)
             activation = plan.layers[name].activation
             replace_module(model, name, quantized_module(layer, qt, bias, activation))
@@ -125,12 +127,4 @@ class LayerwisePass(Pass):
             from ptq.calibration.layer_parallel import LayerParallel
 
             parallel = LayerParallel(dist, results, install)
-        runner = BlockwiseRunner(
-            request=self.stats_request(),
-            quantize=quantize,
-            batch_size=CALIBRATION_BATCH,
-            progress=ctx.progress,
-            describe=lambda: last[0],
-            parallel=parallel,
-        )
-        runner.run(model, [lp.name for lp in plan], ctx.calibration)
+        run_stages(unit, self.stats_request(), quantize, parallel)

@@ -10,9 +10,11 @@ stored in a low precision (fp16, or INT8 per row) and the layer computes
 ``y = fq(x) Q(W)^T + (x V_r^T) U_r^T`` (:meth:`ptq.qlinear.QuantLinear.set_lorc`).
 
 Design: LoRC needs the FP weights that the weight pass discards, so :class:`LoRCPass`
-*wraps* the weight pass: it snapshots the planned layers' FP weights, runs the inner
-pass (RTN, GPTQ, ZeroQuant-FP ...), then attaches the factors with :func:`apply_lorc`.
-Callers holding their own snapshot may call :func:`apply_lorc` directly.
+*wraps* the weight pass: on each unit of the block-wise runner it snapshots the unit's
+planned layers' FP weights, runs the inner pass (RTN, GPTQ, ZeroQuant-FP ...) on the
+unit, then attaches the factors with :func:`apply_lorc`, so later blocks calibrate on
+activations of the compensated model. Callers holding their own snapshot may call
+:func:`apply_lorc` directly.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 from torch import nn
 
 from ptq.formats import INT8, PerChannel, QuantFormat, fake_quantize
-from ptq.pipeline import Pass, PassContext, Pipeline, QuantState
+from ptq.pipeline import Pass, PassContext, QuantState
 from ptq.qlinear import QuantLinear
 from ptq.scheme import matches_any
 
@@ -135,14 +137,19 @@ class LoRCPass(Pass):
     def __repr__(self) -> str:
         return f"lorc({self.config!r}, inner={self.inner!r})"
 
-    def run(self, state: QuantState, ctx: PassContext) -> None:
-        ranks = {lp.name: self.config.rank_for(lp.name) for lp in state.plan}
+    def inner_passes(self) -> list[Pass]:
+        return [self.inner]
+
+    def run_unit(self, state: QuantState, ctx: PassContext) -> None:
+        assert state.unit is not None
+        ranks = {n: self.config.rank_for(n) for n in state.unit.layers}
         ranks = {n: r for n, r in ranks.items() if r > 0}
         fp = snapshot_weights(state.model, list(ranks))
-        Pipeline([self.inner]).run(state, ctx)
+        self.inner.run_unit(state, ctx)
         errors = apply_lorc(state.model, fp, ranks, self.config.factor_format)
-        ctx.records["lorc"] = {
-            "factor_format": self.config.factor_format,
-            "rank": ranks,
-            "relative_residual": errors,
-        }
+        record = ctx.records.setdefault(
+            "lorc",
+            {"factor_format": self.config.factor_format, "rank": {}, "relative_residual": {}},
+        )
+        record["rank"].update(ranks)
+        record["relative_residual"].update(errors)

@@ -15,6 +15,11 @@ RMSNorm commutes with ``Q`` once its scale is folded into the readers
 
 ``Q = diag(d) H / sqrt(n)`` is a seeded randomised Hadamard (:mod:`ptq.passes.hadamard`).
 The FP model's outputs are unchanged up to rounding.
+
+Through the block-wise runner: the head is untied in ``prepare`` (before any weight is
+loaded), the embedding rotated in the ``prologue``, each block's norms folded and its
+linears rotated when the runner reaches it, and the final norm folded into the rotated
+head on the outer unit; no step needs more than one block in memory.
 """
 
 from __future__ import annotations
@@ -68,7 +73,11 @@ def _set(p: nn.Parameter | torch.Tensor, value: torch.Tensor) -> None:
 
 
 def untie_head(model: nn.Module, head: str, embed: str) -> bool:
-    """Give ``head`` its own weight if it shares the embedding's; True if it did."""
+    """Give ``head`` its own weight if it shares the embedding's; True if it did.
+
+    Works on a meta skeleton too (the new parameter is then a meta placeholder that the
+    weight source fills with the stored embedding).
+    """
     lm = model.get_submodule(head)
     emb = model.get_submodule(embed)
     if lm.weight is not emb.weight:
@@ -80,52 +89,50 @@ def untie_head(model: nn.Module, head: str, embed: str) -> bool:
     return True
 
 
-def fold_norms(model: nn.Module) -> None:
-    """``W <- W diag(w)`` for every RMSNorm reader, then ``w <- 1``."""
-    res = llama_residual(model)
-    pairs = [(g.producer, g.readers) for g in llama_groups(model) if g.kind == "norm"]
-    pairs.append((res.final_norm, (res.head,)))
-    for norm_name, readers in pairs:
-        norm = model.get_submodule(norm_name)
-        w = tensor_attr(norm, "weight").detach().double()
-        for r in readers:
-            lin = _linear(model, r)
-            _set(lin.weight, lin.weight.double() * w[None, :])
-        _set(tensor_attr(norm, "weight"), torch.ones_like(w))
+def _fold(model: nn.Module, norm_name: str, readers: tuple[str, ...]) -> None:
+    """``W <- W diag(w)`` for each reader of the norm, then ``w <- 1``."""
+    norm = model.get_submodule(norm_name)
+    w = tensor_attr(norm, "weight").detach().double()
+    for r in readers:
+        lin = _linear(model, r)
+        _set(lin.weight, lin.weight.double() * w[None, :])
+    _set(tensor_attr(norm, "weight"), torch.ones_like(w))
 
 
-def rotate_residual(model: nn.Module, q: torch.Tensor) -> None:
-    """Apply ``Q`` to the residual stream (norms must already be folded)."""
-    res = llama_residual(model)
-    emb = model.get_submodule(res.embed)
-    e = tensor_attr(emb, "weight")
-    _set(e, e.double() @ q)
-    readers = [res.head]
-    writers = []
-    for p in res.layers:
-        readers += [f"{p}.self_attn.{n}_proj" for n in "qkv"]
-        readers += [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"]
-        writers += [f"{p}.self_attn.o_proj", f"{p}.mlp.down_proj"]
+def fold_block_norms(model: nn.Module, prefix: str) -> None:
+    """Fold block ``prefix``'s RMSNorms into the linears that read them."""
+    for g in llama_groups(model):
+        if g.kind == "norm" and g.producer.startswith(prefix):
+            _fold(model, g.producer, g.readers)
+
+
+def rotate_block(model: nn.Module, prefix: str, q: torch.Tensor) -> None:
+    """Readers of the residual stream ``W <- W Q``, writers ``W <- Q^T W`` (norms folded)."""
+    p = prefix.rstrip(".")
+    readers = [f"{p}.self_attn.{n}_proj" for n in "qkv"] + [
+        f"{p}.mlp.gate_proj",
+        f"{p}.mlp.up_proj",
+    ]
     for r in readers:
         lin = _linear(model, r)
         _set(lin.weight, lin.weight.double() @ q)
-    for w in writers:
-        lin = _linear(model, w)
+    for name in (f"{p}.self_attn.o_proj", f"{p}.mlp.down_proj"):
+        lin = _linear(model, name)
         _set(lin.weight, q.T @ lin.weight.double())
         if lin.bias is not None:
             _set(lin.bias, lin.bias.double() @ q)
 
 
-def add_online_down_proj_hadamard(model: nn.Module) -> None:
-    """Wrap every MLP with :class:`OnlineHadamardMLP` and fold ``H^T`` into ``down_proj``."""
-    for p in llama_residual(model).layers:
-        layer = model.get_submodule(p)
-        if isinstance(child(layer, "mlp"), OnlineHadamardMLP):
-            raise ValueError(f"{p}.mlp already has an online Hadamard")
-        down = _linear(model, f"{p}.mlp.down_proj")
-        h = hadamard_matrix(down.in_features)
-        _set(down.weight, down.weight.double() @ h.T)
-        layer.mlp = OnlineHadamardMLP(child(layer, "mlp"))
+def add_online_down_proj_hadamard(model: nn.Module, prefix: str) -> None:
+    """Wrap block ``prefix``'s MLP with :class:`OnlineHadamardMLP`; ``H^T`` into ``down_proj``."""
+    p = prefix.rstrip(".")
+    layer = model.get_submodule(p)
+    if isinstance(child(layer, "mlp"), OnlineHadamardMLP):
+        raise ValueError(f"{p}.mlp already has an online Hadamard")
+    down = _linear(model, f"{p}.mlp.down_proj")
+    h = hadamard_matrix(down.in_features).to(down.weight.device)
+    _set(down.weight, down.weight.double() @ h.T)
+    layer.mlp = OnlineHadamardMLP(child(layer, "mlp"))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -143,21 +150,20 @@ class RotationPass(Pass):
 
     name: ClassVar[str] = "rotation"
     ensures: ClassVar[tuple[str, ...]] = ("rotated",)
+    before_weights: ClassVar[bool] = True
+    touches_outer: ClassVar[bool] = True
 
     def __init__(self, config: RotationConfig | None = None) -> None:
         self.config = config or RotationConfig()
+        self._q: torch.Tensor | None = None
 
-    def run(self, state: QuantState, ctx: PassContext) -> None:
-        if "weights_quantized" in ctx.facts:
-            raise ValueError("rotation must run before weight quantization")
+    def prepare(self, state: QuantState, ctx: PassContext) -> None:
         model = state.model
         res = llama_residual(model)
+        llama_groups(model)  # the layout check, before any weight is loaded
         untied = untie_head(model, res.head, res.embed)
-        fold_norms(model)
-        hidden = tensor_attr(model.get_submodule(res.embed), "weight").shape[1]
-        rotate_residual(model, random_hadamard(hidden, ctx.generator(salt=0x0A7)))
-        if self.config.online_down_proj:
-            add_online_down_proj_hadamard(model)
+        hidden = int(tensor_attr(model.get_submodule(res.embed), "weight").shape[1])
+        self._q = random_hadamard(hidden, ctx.generator(salt=0x0A7))
         ctx.records["rotation"] = {
             "hidden_size": hidden,
             "untied_lm_head": untied,
@@ -165,3 +171,29 @@ class RotationPass(Pass):
         }
         if untied:
             ctx.logger.info("rotation: untied lm_head from the embeddings")
+
+    def _rotation(self, device: torch.device) -> torch.Tensor:
+        if self._q is None:
+            raise ValueError("rotation: prepare() did not run")
+        return self._q.to(device)
+
+    def prologue(self, state: QuantState, ctx: PassContext) -> None:
+        emb = state.model.get_submodule(llama_residual(state.model).embed)
+        e = tensor_attr(emb, "weight")
+        _set(e, e.double() @ self._rotation(e.device))
+
+    def run_unit(self, state: QuantState, ctx: PassContext) -> None:
+        unit = state.unit
+        assert unit is not None
+        model = state.model
+        if unit.kind == "block":
+            fold_block_norms(model, unit.prefix)
+            lin = _linear(model, f"{unit.prefix}self_attn.q_proj")
+            rotate_block(model, unit.prefix, self._rotation(lin.weight.device))
+            if self.config.online_down_proj:
+                add_online_down_proj_hadamard(model, unit.prefix)
+            return
+        res = llama_residual(model)
+        _fold(model, res.final_norm, (res.head,))
+        head = _linear(model, res.head)
+        _set(head.weight, head.weight.double() @ self._rotation(head.weight.device))

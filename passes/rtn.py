@@ -12,8 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from tqdm.auto import tqdm
-
 from ptq.calibration.layer_inputs import weight_2d
 from ptq.formats import quantize
 from ptq.modules import replace_module
@@ -34,16 +32,15 @@ class RTNPass(Pass):
     def __init__(self, config: RTNConfig | None = None) -> None:
         self.config = config or RTNConfig()
 
-    def run(self, state: QuantState, ctx: PassContext) -> None:
+    def run_unit(self, state: QuantState, ctx: PassContext) -> None:
         from ptq.passes.layerwise import QUANTIZED_TYPES, quantized_module
 
-        layers = [
-            lp
-            for lp in state.plan
-            if not isinstance(state.model.get_submodule(lp.name), QUANTIZED_TYPES)
-        ]
-        for lp in tqdm(layers, desc="rtn", disable=not ctx.progress, unit="layer"):
-            module = state.model.get_submodule(lp.name)
+        assert state.unit is not None
+        for name in state.unit.layers:
+            module = state.model.get_submodule(name)
+            if isinstance(module, QUANTIZED_TYPES):
+                continue
+            lp = state.plan.layers[name]
             q = quantize(weight_2d(module).float(), lp.weight)
             bias = getattr(module, "bias", None)
-            replace_module(state.model, lp.name, quantized_module(module, q, bias, lp.activation))
+            replace_module(state.model, name, quantized_module(module, q, bias, lp.activation))

@@ -15,6 +15,12 @@ weight and activation formats, on a sample of calibration rows; the search also 
 
 For ``v_proj -> o_proj`` with grouped-query attention, ``n_rep`` query heads read one
 value head; their statistics are reduced by ``max`` and ``s`` repeated for each.
+
+Block by block: the statistics of block ``i`` are observed on the floating-point
+stream (the FP model as transformed by earlier passes, e.g. rotation, before any
+smoothing: :meth:`ptq.calibration.units.Unit.run_fp`), exactly what a whole-model
+forward of that model would show, then block ``i``'s factors are folded. The search's
+row sample is drawn with a generator seeded per block, so a resumed run draws the same.
 """
 
 from __future__ import annotations
@@ -78,7 +84,6 @@ class SmoothQuantConfig:
     attn_v_o: Also smooth ``v_proj -> o_proj`` (GQA head repetition handled).
     mlp_up_down: Also smooth ``up_proj -> down_proj``.
     search_tokens: Calibration rows kept per group for the search.
-    batch_size: Calibration sequences per forward.
     """
 
     alpha: float = 0.5
@@ -87,7 +92,6 @@ class SmoothQuantConfig:
     attn_v_o: bool = True
     mlp_up_down: bool = True
     search_tokens: int = 512
-    batch_size: int = 8
 
     def __post_init__(self) -> None:
         for a in (self.alpha, *self.grid):
@@ -95,8 +99,8 @@ class SmoothQuantConfig:
                 raise ValueError(f"SmoothQuant alpha must be in [0, 1], got {a}")
         if self.search and not self.grid:
             raise ValueError("SmoothQuant search needs a non-empty grid")
-        if self.search_tokens < 1 or self.batch_size < 1:
-            raise ValueError("search_tokens and batch_size must be >= 1")
+        if self.search_tokens < 1:
+            raise ValueError("search_tokens must be >= 1")
 
 
 def fold_smoothing(model: nn.Module, group: LinearGroup, s: torch.Tensor) -> None:
@@ -133,37 +137,48 @@ class SmoothQuantPass(Pass):
     name: ClassVar[str] = "smoothquant"
     ensures: ClassVar[tuple[str, ...]] = ("smoothed",)
     needs_calibration: ClassVar[bool] = True
+    observes_fp: ClassVar[bool] = True
+    before_weights: ClassVar[bool] = True
 
     def __init__(self, config: SmoothQuantConfig | None = None) -> None:
         self.config = config or SmoothQuantConfig()
 
-    def run(self, state: QuantState, ctx: PassContext) -> None:
-        cfg = self.config
-        if "weights_quantized" in ctx.facts:
-            raise ValueError("smoothquant must run before weight quantization")
+    def prepare(self, state: QuantState, ctx: PassContext) -> None:
         if ctx.calibration is None:
             raise ValueError("smoothquant needs calibration tokens (ctx.calibration is None)")
+        llama_groups(state.model)  # the layout check, before any weight is loaded
+
+    def run_unit(self, state: QuantState, ctx: PassContext) -> None:
+        unit = state.unit
+        assert unit is not None
+        if unit.kind != "block":
+            return
+        cfg = self.config
         model = state.model
         groups = [
             g
             for g in llama_groups(model)
-            if _eligible(model, g, cfg) and any(r in state.plan.layers for r in g.readers)
+            if g.producer.startswith(unit.prefix)
+            and _eligible(model, g, cfg)
+            and any(r in state.plan.layers for r in g.readers)
         ]
+        if not groups:
+            return
         first = {g.readers[0]: g for g in groups}
         absmax: dict[str, torch.Tensor] = {}
         samples: dict[str, list[torch.Tensor]] = {}
-        n_batches = math.ceil(ctx.calibration.shape[0] / cfg.batch_size)
-        per_batch = math.ceil(cfg.search_tokens / n_batches)
-        gen = ctx.generator(salt=0x5A)
+        assert unit.fp is not None
+        per_batch = math.ceil(cfg.search_tokens / len(unit.fp))
+        gen = ctx.generator(salt=0x5A00000 + unit.index)
 
         def observe(name: str, x: torch.Tensor) -> None:
             a = x.abs().amax(dim=0)
             absmax[name] = a if name not in absmax else torch.maximum(absmax[name], a)
             if cfg.search:
-                idx = torch.randperm(x.shape[0], generator=gen)[:per_batch]
+                idx = torch.randperm(x.shape[0], generator=gen)[:per_batch].to(x.device)
                 samples.setdefault(name, []).append(x[idx].clone())
 
-        observe_inputs(model, list(first), ctx.calibration, observe, cfg.batch_size)
+        observe_inputs(model, list(first), [unit.run_fp], observe)
         chosen: dict[str, float | str] = {}
         for g in groups:
             weights = [
@@ -178,7 +193,8 @@ class SmoothQuantPass(Pass):
             if alpha is not None:
                 fold_smoothing(model, g, smoothing_factors(x_absmax, w_absmax, alpha))
             chosen[g.producer] = "off" if alpha is None else alpha
-        ctx.records["smoothquant"] = {"search": cfg.search, "alpha": chosen}
+        record = ctx.records.setdefault("smoothquant", {"search": cfg.search, "alpha": {}})
+        record["alpha"].update(chosen)
 
     def _search(
         self,

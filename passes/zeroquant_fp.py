@@ -31,7 +31,6 @@ from typing import ClassVar, Literal
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ptq.formats import FP4_E2M1, FP8_E4M3, FloatFormat, PerChannel, PerGroup, QTensor, QuantFormat
 from ptq.formats.minifloat import encode_float, round_to_float_grid
@@ -145,8 +144,10 @@ class ZeroQuantFPPass(Pass):
     def __init__(self, config: ZeroQuantFPConfig | None = None) -> None:
         self.config = config or ZeroQuantFPConfig()
 
-    def run(self, state: QuantState, ctx: PassContext) -> None:
-        for lp in tqdm(list(state.plan), desc="zeroquant_fp", disable=not ctx.progress):
+    def run_unit(self, state: QuantState, ctx: PassContext) -> None:
+        assert state.unit is not None
+        for name in state.unit.layers:
+            lp = state.plan.layers[name]
             module = state.model.get_submodule(lp.name)
             if isinstance(module, QuantLinear):
                 continue

@@ -1,5 +1,12 @@
 """The Python API: ``ptq.quantize(model, scheme, ...)`` and the run behind ``ptq quantize``.
 
+With an ``output`` folder the model is never loaded whole: the block-wise runner
+(:mod:`ptq.calibration.runner`) reads one block at a time from the safetensors shards,
+runs every pass on it, and streams the result into the output; peak memory is one
+block plus the calibration activations, and an interrupted run continues from its last
+checkpoint when the same call is made again. Without ``output`` the model is loaded
+into memory, quantized the same way (block by block) and returned.
+
 Example:
     >>> import ptq
     >>> result = ptq.quantize("default", "w4a16", output="out", evaluate=True)
@@ -8,24 +15,36 @@ Example:
 from __future__ import annotations
 
 import functools
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
 from ptq.errors import PtqInputError, PtqUsageError
 from ptq.evaluate import perplexity, tokenize_eval_text
 from ptq.models.paths import default_eval_file
-from ptq.models.source import ModelSource, load_fp_model, resolve_model
+from ptq.models.source import (
+    ModelSource,
+    build_skeleton,
+    load_fp_model,
+    load_tokenizer,
+    resolve_model,
+)
 from ptq.output import atomic_output_dir, check_output_dir
 from ptq.pipeline import Pass, PassContext, Pipeline, QuantState
 from ptq.plan import QuantPlan, build_plan
 from ptq.scheme import Scheme, get_scheme
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
     from ptq.calibration.distributed import DistributedContext
+    from ptq.calibration.runner import Writer
+    from ptq.models.weight_source import WeightSource
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,8 +106,10 @@ def quantize(
     overwrite: bool = False,
     progress: bool = True,
     trust_remote_code: bool = False,
-    low_memory: bool = False,
     restart: bool = False,
+    device: str = "auto",
+    offload_dir: str | Path | None = None,
+    checkpoint_interval_s: float = 60.0,
     log: Any = print,
     distributed: DistributedContext | None = None,
 ) -> QuantizeResult:
@@ -97,17 +118,21 @@ def quantize(
     Args:
         model: ``"default"``, a Hugging Face folder, a ``.gguf`` file or a resolved source.
         scheme: A :class:`~ptq.scheme.Scheme` or a preset name (``w4a8`` ...).
-        output: Folder for the compressed-tensors checkpoint (written atomically).
+        output: Folder for the compressed-tensors checkpoint (written atomically). Given,
+            the model is read block by block and never loaded whole.
         pipeline: Passes to run (default: round-to-nearest).
         calibration: Calibration data settings (used when a pass needs data).
-        evaluate: Print FP and quantized perplexity on held-out text.
+        evaluate: FP and quantized perplexity on held-out text (in the same block-wise
+            run when ``output`` is given).
         seed: Seed for calibration sampling and every pass.
         overwrite: Replace an existing ``output``.
         progress: Show progress bars.
         trust_remote_code: Allow code from the model folder to run.
-        low_memory: Load and quantize one decoder block at a time (peak memory ~ one
-            block); resumable: rerunning after a crash continues from the last block.
-        restart: With ``low_memory``, discard an interrupted run of a different command.
+        restart: Discard an interrupted run of a different command (``.OUT.work``).
+        device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``: where the
+            current block and its activations live.
+        offload_dir: Keep the calibration activations in files here instead of memory.
+        checkpoint_interval_s: Least seconds between resume checkpoints (0: every block).
         log: Where human-readable messages go.
         distributed: This process's place in a ``torchrun`` job; None reads torchrun's
             environment (``WORLD_SIZE > 1`` turns it on). With several processes the
@@ -129,17 +154,14 @@ def quantize(
         seed=seed,
         overwrite=overwrite,
         trust_remote_code=trust_remote_code,
-        low_memory=low_memory,
         restart=restart,
+        device=device,
+        offload_dir=None if offload_dir is None else Path(offload_dir),
+        checkpoint_interval_s=checkpoint_interval_s,
     )
     dctx = distributed if distributed is not None else DistributedContext.from_env()
     if dctx.world == 1:
         return run(progress=progress, log=log, dctx=None)
-    if low_memory:
-        raise PtqUsageError(
-            "--low-memory cannot run under torchrun (its resumable work folder belongs to "
-            "one process); run it without torchrun, or drop --low-memory"
-        )
     joined = dctx.init()
     try:
         if dctx.is_main:
@@ -160,6 +182,11 @@ def _silent(*_args: Any, **_kwargs: Any) -> None:
     """``log`` of ranks other than 0."""
 
 
+def work_dir_for(out: Path) -> Path:
+    """The resumable work folder of output ``out``: ``.OUT.work`` beside it."""
+    return out.parent / f".{out.name}.work"
+
+
 def _quantize(
     model: str | Path | ModelSource,
     scheme: Scheme | str,
@@ -172,12 +199,16 @@ def _quantize(
     overwrite: bool,
     progress: bool,
     trust_remote_code: bool,
-    low_memory: bool,
     restart: bool,
+    device: str,
+    offload_dir: Path | None,
+    checkpoint_interval_s: float,
     log: Any,
     dctx: DistributedContext | None,
 ) -> QuantizeResult:
     """:func:`quantize` in this process; ``dctx`` set: one rank of a job (rank 0 writes)."""
+    from ptq.devices import resolve_device
+
     main = dctx is None or dctx.is_main
     start = time.perf_counter()
     out = Path(output) if output is not None else None
@@ -192,147 +223,200 @@ def _quantize(
         if isinstance(pipeline, Pipeline)
         else Pipeline(pipeline or default_pipeline().passes)
     )
-    if low_memory:
-        if out is None:
-            raise PtqUsageError("--low-memory streams blocks to the output: give -o/--output")
-        return _quantize_low_memory(
-            source,
-            scheme,
-            pipe,
-            out,
-            calibration=calibration,
-            evaluate=evaluate,
-            seed=seed,
-            overwrite=overwrite,
-            restart=restart,
-            progress=progress,
-            trust_remote_code=trust_remote_code,
-            log=log,
-            start=start,
-        )
-    fp_model, tokenizer = load_fp_model(source, trust_remote_code=trust_remote_code)
-    try:
-        plan = build_plan(fp_model, scheme)
-    except ValueError as exc:
-        raise PtqUsageError(str(exc)) from None
-    for note in plan.notes:
-        log(f"note: {note}")
+    dev = resolve_device(device, None if dctx is None else dctx.local_rank)
+    if out is None:
+        return _quantize_in_memory(
+            source, scheme, pipe, calibration, evaluate, seed, progress, trust_remote_code,
+            dev, log, dctx, start,
+        )  # fmt: skip
+    from ptq.calibration.checkpoint import Checkpointer, fingerprint, tensor_digest
+    from ptq.calibration.runner import RunSettings, run_passes
+    from ptq.exporters.safetensors_export import CompressedTensorsOutput
+    from ptq.exporters.shard_writer import ShardWriter
+    from ptq.models.weight_source import LazySource
+
+    skeleton = build_skeleton(source, trust_remote_code=trust_remote_code)
+    lazy = LazySource(source.path, skeleton, dev)
+    plan = _plan_lazily(lazy, scheme, log)
+    tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
+    ctx = PassContext(seed=seed, progress=progress, distributed=dctx, device=dev)
+    ctx.calibration = _calibration(pipe, scheme, calibration, tokenizer, source, seed)
     eval_cfg = EvalConfig() if evaluate is True else (evaluate or None)
-    eval_ids = None
-    result = QuantizeResult(model=fp_model, plan=plan, output=out)
-    if eval_cfg is not None and main:
-        if tokenizer is None:
-            raise PtqInputError(f"{source.path} has no tokenizer; cannot evaluate perplexity")
-        eval_ids = tokenize_eval_text(
-            tokenizer, eval_cfg.text or default_eval_file(), eval_cfg.tokens
-        )
-        result.fp_ppl = perplexity(
-            fp_model, eval_ids, seqlen=eval_cfg.seqlen, progress=progress, desc="eval fp"
-        )
-        log(f"FP perplexity: {result.fp_ppl:.4f} ({eval_ids.numel()} tokens)")
-    ctx = PassContext(seed=seed, progress=progress, distributed=dctx)
-    if pipe.needs_calibration or (scheme.activation is not None and not scheme.activation.dynamic):
-        from ptq.calibration.text import calibration_batches
-
-        cal = calibration or CalibrationConfig()
-        if tokenizer is None:
-            raise PtqInputError(f"{source.path} has no tokenizer; cannot tokenize calibration text")
-        ctx.calibration = calibration_batches(
-            tokenizer, path=cal.path, n_samples=cal.samples, seqlen=cal.seqlen, seed=seed
-        )
-    pipe.run(QuantState(model=fp_model, plan=plan, tokenizer=tokenizer), ctx)
-    result.records = ctx.records
-    if eval_ids is not None and eval_cfg is not None:
-        result.quant_ppl = perplexity(
-            fp_model, eval_ids, seqlen=eval_cfg.seqlen, progress=progress, desc="eval quant"
-        )
+    windows = _eval_windows(eval_cfg, tokenizer, source) if eval_cfg is not None else None
+    work = work_dir_for(out)
+    key = {
+        "model": str(source.path.resolve()),
+        "plan": plan.to_dict(),
+        "pipeline": repr(pipe),
+        "seed": seed,
+        "calibration": tensor_digest(ctx.calibration)
+        if isinstance(ctx.calibration, torch.Tensor)
+        else None,
+        "eval": None if windows is None else tensor_digest(windows),
+    }
+    ckpt = Checkpointer(
+        work, fingerprint(key), restart=restart, interval_s=checkpoint_interval_s, enabled=main
+    )
+    if main:
+        saved = (work / "state.json").is_file()
+        if not saved:
+            ckpt.clear()
+        work.mkdir(parents=True, exist_ok=True)
+    writer = (
+        CompressedTensorsOutput(ShardWriter(work), plan, skeleton, source.path, source.config)
+        if main
+        else None
+    )
+    if main and (work / "state.json").is_file():
+        log(f"resuming the interrupted run in {work}")
+    outcome = run_passes(
+        lazy,
+        QuantState(model=skeleton, plan=plan, tokenizer=tokenizer),
+        pipe.passes,
+        ctx,
+        RunSettings(eval_windows=windows, offload=offload_dir, checkpoint=ckpt, writer=writer),
+        transformed=functools.partial(_transformed_folder, work, skeleton, dev),
+    )
+    result = QuantizeResult(model=None, plan=plan, output=out, records=ctx.records)
+    result.fp_ppl, result.quant_ppl = outcome.perplexities()
+    if main and result.fp_ppl is not None and result.quant_ppl is not None:
+        log(f"FP perplexity: {result.fp_ppl:.4f} ({outcome.eval_tokens} predicted tokens)")
         log(f"quantized perplexity: {result.quant_ppl:.4f} (scheme {scheme.name})")
-    if out is not None and main:
-        from ptq.exporters.safetensors_export import export_compressed_tensors
-
+    if main and writer is not None:
         with atomic_output_dir(out, overwrite) as tmp:
-            export_compressed_tensors(
-                fp_model, plan, source.path, source.config, tmp, records=ctx.records
-            )
+            writer.finish(tmp, outcome.quantized, ctx.records)
+        shutil.rmtree(work, ignore_errors=True)
         log(f"wrote {out}")
     result.seconds = time.perf_counter() - start
     return result
 
 
-def _quantize_low_memory(
+def _plan(model: nn.Module, scheme: Scheme, log: Any) -> QuantPlan:
+    try:
+        plan = build_plan(model, scheme)
+    except ValueError as exc:
+        raise PtqUsageError(str(exc)) from None
+    for note in plan.notes:
+        log(f"note: {note}")
+    return plan
+
+
+def _transformed_folder(
+    work: Path, skeleton: nn.Module, device: torch.device, passes: Sequence[Pass]
+) -> tuple[Writer, Callable[[], WeightSource]]:
+    """Where a run split in two sweeps (bit allocation) keeps the transformed FP weights:
+    ``work/transformed``, read back block by block by the second sweep."""
+    from ptq.calibration.runner import flatten
+    from ptq.exporters.safetensors_export import TensorsWriter
+    from ptq.exporters.shard_writer import ShardWriter
+    from ptq.models.weight_source import LazySource
+
+    for p in flatten(passes):
+        if getattr(getattr(p, "config", None), "online_down_proj", False):
+            raise PtqUsageError(
+                "an online down_proj Hadamard changes the blocks' structure, which the "
+                "transformed weights before a bit allocation cannot keep; drop one of them"
+            )
+    folder, spool = work / "transformed", work / "transformed-spool"
+    for d in (folder, spool):
+        shutil.rmtree(d, ignore_errors=True)
+    spool.mkdir(parents=True)
+    writer = TensorsWriter(ShardWriter(spool), folder)
+    return writer, functools.partial(LazySource, folder, skeleton, device)
+
+
+def _plan_lazily(source: WeightSource, scheme: Scheme, log: Any) -> QuantPlan:
+    """The plan, captured with only the outer part and one block of each structure loaded."""
+    from ptq.frontend.capture import block_signature
+
+    first: dict[Any, int] = {}
+    for i, block in enumerate(source.blocks or []):
+        first.setdefault(block_signature(block), i)
+    reps = sorted(first.values())
+    source.load_outer()
+    for i in reps:
+        source.load_block(i)
+    try:
+        return _plan(source.model, scheme, log)
+    finally:
+        for i in reps:
+            source.release_block(i)
+        source.release_outer()
+
+
+def _calibration(
+    pipe: Pipeline,
+    scheme: Scheme,
+    calibration: CalibrationConfig | None,
+    tokenizer: Any,
+    source: ModelSource,
+    seed: int,
+) -> torch.Tensor | None:
+    """Calibration token ids when a pass (or static activation scales) needs them."""
+    if not (
+        pipe.needs_calibration or (scheme.activation is not None and not scheme.activation.dynamic)
+    ):
+        return None
+    from ptq.calibration.text import calibration_batches
+
+    cal = calibration or CalibrationConfig()
+    if tokenizer is None:
+        raise PtqInputError(f"{source.path} has no tokenizer; cannot tokenize calibration text")
+    return calibration_batches(
+        tokenizer, path=cal.path, n_samples=cal.samples, seqlen=cal.seqlen, seed=seed
+    )
+
+
+def _eval_ids(cfg: EvalConfig, tokenizer: Any, source: ModelSource) -> torch.Tensor:
+    if tokenizer is None:
+        raise PtqInputError(f"{source.path} has no tokenizer; cannot evaluate perplexity")
+    return tokenize_eval_text(tokenizer, cfg.text or default_eval_file(), cfg.tokens)
+
+
+def _eval_windows(cfg: EvalConfig, tokenizer: Any, source: ModelSource) -> torch.Tensor:
+    """Held-out ids as ``[n, seqlen]`` non-overlapping windows (the perplexity protocol)."""
+    ids = _eval_ids(cfg, tokenizer, source)
+    n = ids.numel() // cfg.seqlen
+    if n == 0:
+        raise PtqInputError(
+            f"evaluation text has {ids.numel()} tokens, fewer than --seqlen {cfg.seqlen}"
+        )
+    return ids[: n * cfg.seqlen].reshape(n, cfg.seqlen)
+
+
+def _quantize_in_memory(
     source: ModelSource,
     scheme: Scheme,
     pipe: Pipeline,
-    out: Path,
-    *,
     calibration: CalibrationConfig | None,
     evaluate: EvalConfig | bool,
     seed: int,
-    overwrite: bool,
-    restart: bool,
     progress: bool,
     trust_remote_code: bool,
+    device: torch.device,
     log: Any,
+    dctx: DistributedContext | None,
     start: float,
 ) -> QuantizeResult:
-    from transformers import AutoTokenizer
-
-    from ptq.calibration.lazy_runner import _skeleton
-    from ptq.lowmem import quantize_low_memory
-    from ptq.models.quantized_loader import load_quantized_model
-
-    if len(pipe.passes) != 1:
-        raise PtqUsageError(
-            "--low-memory runs a single weight pass (rtn, gptq, adaround, adaquant)"
-        )
-    skeleton = _skeleton(source.path, trust_remote_code)
-    try:
-        plan = build_plan(skeleton, scheme)
-    except ValueError as exc:
-        raise PtqUsageError(str(exc)) from None
-    del skeleton
-    for note in plan.notes:
-        log(f"note: {note}")
-    tokenizer = AutoTokenizer.from_pretrained(source.path)
-    ctx = PassContext(seed=seed, progress=progress)
-    if pipe.needs_calibration:
-        from ptq.calibration.text import calibration_batches
-
-        cal = calibration or CalibrationConfig()
-        ctx.calibration = calibration_batches(
-            tokenizer, path=cal.path, n_samples=cal.samples, seqlen=cal.seqlen, seed=seed
-        )
-    run_key = {
-        "model": str(source.path.resolve()),
-        "plan": plan.to_dict(),
-        "pipeline": repr(pipe),
-        "seed": seed,
-    }
-    records = quantize_low_memory(
-        source,
-        plan,
-        pipe.passes[0],
-        ctx,
-        out,
-        overwrite=overwrite,
-        restart=restart,
-        run_key=run_key,
-        trust_remote_code=trust_remote_code,
-    )
-    log(f"wrote {out}")
-    model, _ = load_quantized_model(out) if evaluate else (None, None)
-    result = QuantizeResult(model=model, plan=plan, output=out, records={"layers": records})
+    """No output folder: load the model, run the passes block by block, return it."""
+    fp_model, tokenizer = load_fp_model(source, trust_remote_code=trust_remote_code)
+    plan = _plan(fp_model, scheme, log)
+    main = dctx is None or dctx.is_main
+    result = QuantizeResult(model=fp_model, plan=plan, output=None)
     eval_cfg = EvalConfig() if evaluate is True else (evaluate or None)
-    if eval_cfg is not None and model is not None:
-        ids = tokenize_eval_text(tokenizer, eval_cfg.text or default_eval_file(), eval_cfg.tokens)
-        fp_model, _ = load_fp_model(source, trust_remote_code=trust_remote_code)
+    eval_ids = _eval_ids(eval_cfg, tokenizer, source) if eval_cfg is not None and main else None
+    if eval_ids is not None and eval_cfg is not None:
         result.fp_ppl = perplexity(
-            fp_model, ids, seqlen=eval_cfg.seqlen, progress=progress, desc="eval fp"
+            fp_model, eval_ids, seqlen=eval_cfg.seqlen, progress=progress, desc="eval fp"
         )
-        del fp_model
-        log(f"FP perplexity: {result.fp_ppl:.4f} ({ids.numel()} tokens)")
+        log(f"FP perplexity: {result.fp_ppl:.4f} ({eval_ids.numel()} tokens)")
+    ctx = PassContext(seed=seed, progress=progress, distributed=dctx, device=device)
+    ctx.calibration = _calibration(pipe, scheme, calibration, tokenizer, source, seed)
+    pipe.run(QuantState(model=fp_model, plan=plan, tokenizer=tokenizer), ctx)
+    result.records = ctx.records
+    if eval_ids is not None and eval_cfg is not None:
         result.quant_ppl = perplexity(
-            model, ids, seqlen=eval_cfg.seqlen, progress=progress, desc="eval quant"
+            fp_model, eval_ids, seqlen=eval_cfg.seqlen, progress=progress, desc="eval quant"
         )
         log(f"quantized perplexity: {result.quant_ppl:.4f} (scheme {scheme.name})")
     result.seconds = time.perf_counter() - start

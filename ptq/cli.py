@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 
+from ptq.devices import DEVICE_HELP
 from ptq.errors import PtqError, PtqUsageError
 
 SCHEME_FLAGS = ("w4a16", "w4a8", "w8a8", "fp8", "w8a16")
@@ -195,14 +196,16 @@ def main() -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow code from the model folder to run.")
 @click.option(
-    "--low-memory",
-    is_flag=True,
-    help="Load, quantize and write one decoder block at a time (resumable).",
-)
-@click.option(
     "--restart",
     is_flag=True,
-    help="With --low-memory: discard an interrupted run of another command.",
+    help="Discard an interrupted run of another command (the .OUT.work folder) and start over.",
+)
+@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
+@click.option(
+    "--offload-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Keep the calibration activations in files under this folder instead of memory.",
 )
 @click.option(
     "--recipe",
@@ -296,8 +299,9 @@ def quantize(
     seqlen: int,
     overwrite: bool,
     trust_remote_code: bool,
-    low_memory: bool,
     restart: bool,
+    device: str,
+    offload_dir: Path | None,
     recipe: Path | None,
     percdamp: float | None,
     act_order: bool | None,
@@ -410,8 +414,9 @@ def quantize(
         overwrite=overwrite,
         progress=not quiet,
         trust_remote_code=trust_remote_code,
-        low_memory=low_memory,
         restart=restart,
+        device=device,
+        offload_dir=offload_dir,
         log=click.echo,
         distributed=DistributedContext.from_env(layer_parallel=parallel == "layer"),
     )

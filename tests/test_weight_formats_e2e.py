@@ -32,7 +32,8 @@ def test_weight_format_round_trips(
 ) -> None:
     scheme = get_scheme("w4a16").with_overrides(weight=get_preset(preset))
     out = tmp_path / preset
-    result = quantize(tiny_llama, scheme, output=out, progress=False, log=lambda *_: None)
+    quantize(tiny_llama, scheme, output=out, progress=False, log=lambda *_: None)
+    result = quantize(tiny_llama, scheme, progress=False, log=lambda *_: None)  # in memory
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert {g["format"] for g in qc["config_groups"].values()} == {ct_format}
     reloaded, _ = load_quantized_model(out)

@@ -33,7 +33,7 @@ import hashlib
 import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,11 +46,11 @@ from ptq.calibration.blocks import (
     BlockInput,
     block_output,
     capture_block_inputs,
-    find_blocks,
     run_block,
 )
 from ptq.calibration.hessian import HessianAccumulator
 from ptq.formats import INT8, PerChannel, fake_quantize
+from ptq.models.weight_source import WeightSource
 from ptq.passes.allocation.candidates import Candidate, candidate_bytes
 from ptq.passes.allocation.sensitivity import SensitivityTable
 
@@ -192,46 +192,80 @@ def _nll_sum(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class _Walk:
-    model: nn.Module
-    path: str
-    blocks: nn.ModuleList
+    """The model as the weight source gives it: outer part loaded, blocks on demand.
+
+    ``keep``: blocks stay loaded once read (the loss/kl estimators rerun the model's
+    tail for every trial); otherwise each is released after use, one block in memory.
+    """
+
+    source: WeightSource
     batches: list[torch.Tensor]
     head: _Head
+    keep: bool
+    shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
+    _loaded: set[int] = field(default_factory=set)
+
+    @property
+    def model(self) -> nn.Module:
+        return self.source.model
+
+    @property
+    def n_blocks(self) -> int:
+        return self.source.n_blocks
 
     @property
     def n_tokens(self) -> int:
         return sum(b.shape[0] * (b.shape[1] - 1) for b in self.batches)
 
+    def block(self, b: int) -> nn.Module:
+        if b not in self._loaded:
+            self.source.load_block(b)
+            self._loaded.add(b)
+        assert self.source.blocks is not None
+        return self.source.blocks[b]
+
+    def done(self, b: int) -> None:
+        if not self.keep and b in self._loaded:
+            self.source.release_block(b)
+            self._loaded.discard(b)
+
+    def close(self) -> None:
+        for b in sorted(self._loaded):
+            self.source.release_block(b)
+        self._loaded.clear()
+
     def by_block(self, layers: Sequence[str]) -> list[list[str]]:
         return [
-            [n for n in layers if n.startswith(f"{self.path}.{i}.")]
-            for i in range(len(self.blocks))
+            [n for n in layers if n.startswith(self.source.block_prefix(i))]
+            for i in range(self.n_blocks)
         ]
 
     @torch.no_grad()
     def tail(self, start: int, inputs: list[BlockInput]) -> list[torch.Tensor]:
         """Logits after running blocks ``start..end`` from ``inputs`` (one per batch)."""
         hidden = [x.hidden for x in inputs]
-        for block in self.blocks[start:]:
+        for j in range(start, self.n_blocks):
+            block = self.block(j)
             hidden = [
                 block_output(block(h, *x.args, **x.kwargs))
                 for h, x in zip(hidden, inputs, strict=True)
             ]
+            self.done(j)
         return [self.head.logits(h) for h in hidden]
 
 
 def _walk(
-    model: nn.Module, calibration: torch.Tensor, batch_size: int
+    source: WeightSource, calibration: torch.Tensor, batch_size: int, keep: bool
 ) -> tuple[_Walk, list[BlockInput]]:
-    found = find_blocks(model)
-    if found is None:
+    if source.blocks is None or source.block_path is None:
         raise ValueError(
             "sensitivity measurement needs a model with repeated blocks (model.layers)"
         )
-    path, blocks = found
-    batches = list(calibration.split(batch_size))
-    inputs = capture_block_inputs(model, blocks[0], batches)
-    return _Walk(model, path, blocks, batches, _Head(model, path)), inputs
+    device = source.device
+    batches = [b.to(device) for b in calibration.split(batch_size)]
+    inputs = capture_block_inputs(source.model, source.blocks[0], batches)
+    head = _Head(source.model, source.block_path)
+    return _Walk(source, batches, head, keep), inputs
 
 
 def _advance(block: nn.Module, inputs: list[BlockInput]) -> list[BlockInput]:
@@ -243,14 +277,15 @@ DeltaFn = Callable[[str, torch.Tensor, torch.Tensor], float]
 
 
 def _fill(
-    model: nn.Module,
+    walk: _Walk,
     names: Sequence[str],
     cands: Sequence[Candidate],
     out: dict[str, list[float]],
     delta: DeltaFn,
 ) -> None:
     for name in names:
-        w = weight_of(model, name)
+        w = weight_of(walk.model, name)
+        walk.shapes[name] = (int(w.shape[0]), int(w.shape[1]))
         row = []
         for c in cands:
             if not _fits(c, w):
@@ -300,9 +335,10 @@ def _rerun(
             )
             return nll / n - base_nll
 
-        _fill(walk.model, names, cands, out, delta)
+        walk.block(b)
+        _fill(walk, names, cands, out, delta)
         bar.update(len(names))
-        inputs = _advance(walk.blocks[b], inputs)
+        inputs = _advance(walk.block(b), inputs)
     return out
 
 
@@ -316,6 +352,7 @@ def _hessian(
 ) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {}
     for b, names in enumerate(walk.by_block(layers)):
+        block = walk.block(b)
         acc = {n: HessianAccumulator(weight_of(walk.model, n).shape[1]) for n in names}
         hooks = [
             walk.model.get_submodule(n).register_forward_pre_hook(
@@ -324,7 +361,7 @@ def _hessian(
             for n in names
         ]
         try:
-            nxt = _advance(walk.blocks[b], inputs)
+            nxt = _advance(block, inputs)
         finally:
             for h in hooks:
                 h.remove()
@@ -336,7 +373,8 @@ def _hessian(
             dw = w.float() - wq.float()
             return float(((dw @ _h[name]) * dw).sum())
 
-        _fill(walk.model, [n for n in names if n in hess], cands, out, delta)
+        _fill(walk, [n for n in names if n in hess], cands, out, delta)
+        walk.done(b)
         bar.update(len(names))
         inputs = nxt
     return out
@@ -362,8 +400,9 @@ def _fisher(
     out: dict[str, list[float]] = {}
     cached = [inputs]
     with torch.no_grad():
-        for block in walk.blocks:
-            cached.append(_advance(block, cached[-1]))
+        for b in range(walk.n_blocks):
+            cached.append(_advance(walk.block(b), cached[-1]))
+            walk.done(b)
     n = walk.n_tokens
     grads = []
     for x, ids in zip(cached[-1], walk.batches, strict=True):
@@ -372,8 +411,9 @@ def _fisher(
             loss = _nll_sum(walk.head.logits(h), ids) / n
             grads.append(torch.autograd.grad(loss, [h])[0])
     groups = walk.by_block(layers)
-    for b in reversed(range(len(walk.blocks))):
+    for b in reversed(range(walk.n_blocks)):
         names = groups[b]
+        block = walk.block(b)
         xs: dict[str, list[torch.Tensor]] = {m: [] for m in names}
         gs: dict[str, list[torch.Tensor]] = {m: [] for m in names}
 
@@ -384,7 +424,7 @@ def _fisher(
             for i, x in enumerate(cached[b]):
                 h = x.hidden.detach().requires_grad_(True)
                 with torch.enable_grad():
-                    y = block_output(walk.blocks[b](h, *x.args, **x.kwargs))
+                    y = block_output(block(h, *x.args, **x.kwargs))
                     grads[i] = torch.autograd.grad(y, [h], grads[i])[0]
         finally:
             for hk in hooks:
@@ -402,14 +442,25 @@ def _fisher(
             return float((g2 * dy.pow(2)).sum()) * n / 2
 
         with torch.no_grad():
-            _fill(walk.model, names, cands, out, delta)
+            _fill(walk, names, cands, out, delta)
+        walk.done(b)
         bar.update(len(names))
         cached.pop()
     return out
 
 
+def as_source(model: nn.Module | WeightSource) -> WeightSource:
+    """A weight source for ``model`` (an in-memory module is wrapped)."""
+    if isinstance(model, WeightSource):
+        return model
+    from ptq.models.weight_source import InMemorySource
+
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    return InMemorySource(model, device)
+
+
 def measure_sensitivity(
-    model: nn.Module,
+    model: nn.Module | WeightSource,
     layers: Sequence[str],
     candidates: Sequence[Candidate],
     calibration: torch.Tensor,
@@ -421,7 +472,10 @@ def measure_sensitivity(
     """``dL[layer, candidate]`` with ``config.estimator`` (see the module docstring).
 
     Args:
-        model: A floating-point decoder LM (weights are restored after each trial).
+        model: A floating-point decoder LM, in memory or as a weight source whose blocks
+            are loaded one at a time (weights are restored after each trial). ``hessian``
+            and ``fisher`` hold one block at a time; ``loss`` and ``kl`` rerun the tail
+            of the model for every trial and keep every block they have read.
         layers: Linear layers to measure (inside the repeated blocks), model order.
         candidates: Candidates (LoRC ones must pass :func:`supported`).
         calibration: ``[n, seqlen]`` token ids (``config.subset`` of it is used).
@@ -432,15 +486,12 @@ def measure_sensitivity(
     Raises:
         ValueError: no repeated blocks / LM head, or layers outside the blocks.
     """
+    weights = as_source(model)
     ids = config.subset(calibration)
-    was_training = model.training
-    model.eval()
-    walk, inputs = _walk(model, ids, config.batch_size)
-    outside = [n for n in layers if not n.startswith(f"{walk.path}.")]
-    if outside:
-        raise ValueError(
-            f"layers outside the repeated blocks {walk.path!r} cannot be measured: {outside}"
-        )
+    was_training = weights.model.training
+    weights.model.eval()
+    weights.load_outer()
+    walk: _Walk | None = None
     bar = tqdm(
         total=len(layers),
         desc=f"sensitivity ({config.estimator})",
@@ -448,17 +499,27 @@ def measure_sensitivity(
         unit="layer",
     )
     try:
+        walk, inputs = _walk(weights, ids, config.batch_size, config.estimator in ("loss", "kl"))
+        outside = [n for n in layers if not n.startswith(f"{weights.block_path}.")]
+        if outside:
+            raise ValueError(
+                f"layers outside the repeated blocks {weights.block_path!r} cannot be "
+                f"measured: {outside}"
+            )
         if config.estimator == "hessian":
             rows = _hessian(walk, layers, candidates, inputs, bar)
         elif config.estimator == "fisher":
             rows = _fisher(walk, layers, candidates, inputs, bar)
         else:
             rows = _rerun(walk, layers, candidates, inputs, config.estimator == "kl", bar)
+        shapes = dict(walk.shapes)
     finally:
         bar.close()
-        model.train(was_training)
+        if walk is not None:
+            walk.close()
+        weights.release_outer()
+        weights.model.train(was_training)
     names = [c.name for c in candidates]
-    shapes = {n: (weight_of(model, n).shape[0], weight_of(model, n).shape[1]) for n in layers}
     loss = np.array([rows.get(n, [math.nan] * len(names)) for n in layers], dtype=np.float64)
     return SensitivityTable(
         tuple(layers),
@@ -470,13 +531,34 @@ def measure_sensitivity(
     )
 
 
-def model_fingerprint(model: nn.Module, layers: Sequence[str]) -> str:
-    """BLAKE2b of the named layers' names, shapes and weight bytes (hex, 32 chars)."""
+def model_fingerprint(model: nn.Module | WeightSource, layers: Sequence[str]) -> str:
+    """BLAKE2b of the named layers' names, shapes and weight bytes (hex, 32 chars).
+
+    Blocks are loaded one at a time from a weight source."""
+    weights = as_source(model)
     h = hashlib.blake2b(digest_size=16)
+    by_block: dict[int, list[str]] = {}
     for n in layers:
-        w = weight_of(model, n).cpu().contiguous()
-        h.update(f"{n}:{tuple(w.shape)}:{w.dtype};".encode())
-        h.update(w.view(torch.uint8).numpy().tobytes() if w.numel() else b"")
+        idx = next(
+            (i for i in range(weights.n_blocks) if n.startswith(weights.block_prefix(i))), -1
+        )
+        by_block.setdefault(idx, []).append(n)
+    digests: dict[str, bytes] = {}
+    for b, names in by_block.items():
+        if b >= 0:
+            weights.load_block(b)
+        try:
+            for n in names:
+                w = weight_of(weights.model, n).cpu().contiguous()
+                part = hashlib.blake2b(digest_size=16)
+                part.update(f"{n}:{tuple(w.shape)}:{w.dtype};".encode())
+                part.update(w.view(torch.uint8).numpy().tobytes() if w.numel() else b"")
+                digests[n] = part.digest()
+        finally:
+            if b >= 0:
+                weights.release_block(b)
+    for n in layers:
+        h.update(digests[n])
     return h.hexdigest()
 
 
@@ -502,7 +584,7 @@ def cache_key(
 
 
 def cached_sensitivity(
-    model: nn.Module,
+    model: nn.Module | WeightSource,
     layers: Sequence[str],
     candidates: Sequence[Candidate],
     calibration: torch.Tensor,

@@ -90,18 +90,11 @@ def _read_folder(path: Path, allow_pickle: bool = False) -> ModelSource:
     return ModelSource(path=path, config=config)
 
 
-def load_fp_model(
-    source: ModelSource, *, trust_remote_code: bool = False, validate: bool = True
-) -> tuple[torch.nn.Module, Any]:
-    """Load the floating-point model (fp32) and its tokenizer from a resolved folder."""
-    if validate:
-        from ptq.io.safetensors_reader import SafetensorsIndex
-
-        SafetensorsIndex(source.path)  # header validation: clear errors before torch sees it
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+def _hf_config(source: ModelSource, trust_remote_code: bool) -> Any:
+    from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code)
     except Exception as exc:
         if "trust_remote_code" in str(exc):
             raise PtqInputError(
@@ -110,23 +103,65 @@ def load_fp_model(
             ) from None
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PtqInputError(f"cannot read {source.path / 'config.json'}: {first}") from None
+
+
+def _auto_class(config: Any) -> Any:
+    """``AutoModelForCausalLM`` for causal LMs, else ``AutoModel`` (encoders)."""
+    from transformers import AutoModel, AutoModelForCausalLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     archs = config.architectures or []
     causal = any("CausalLM" in a for a in archs) or (
         not archs and config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     )
-    auto = AutoModelForCausalLM if causal else AutoModel
+    return AutoModelForCausalLM if causal else AutoModel
+
+
+def build_skeleton(source: ModelSource, *, trust_remote_code: bool = False) -> torch.nn.Module:
+    """The model's module tree with every parameter on the ``meta`` device (no weights).
+
+    Buffers computed at construction (rotary tables) are real; weights are loaded part by
+    part by :class:`~ptq.models.weight_source.LazySource`.
+    """
+    from accelerate import init_empty_weights
+
+    config = _hf_config(source, trust_remote_code)
     try:
-        model = auto.from_pretrained(
+        with init_empty_weights():
+            model = _auto_class(config).from_config(
+                config, trust_remote_code=trust_remote_code, dtype=torch.float32
+            )
+    except Exception as exc:
+        raise PtqInputError(f"cannot build the model of {source.path}: {exc}") from None
+    if getattr(config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
+        model.tie_weights()
+    return model.eval()
+
+
+def load_tokenizer(source: ModelSource, *, trust_remote_code: bool = False) -> Any:
+    """The folder's tokenizer, or None when it has no tokenizer files (a test model)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+    except Exception:
+        return None
+
+
+def load_fp_model(
+    source: ModelSource, *, trust_remote_code: bool = False, validate: bool = True
+) -> tuple[torch.nn.Module, Any]:
+    """Load the whole floating-point model (fp32) and its tokenizer from a resolved folder."""
+    if validate:
+        from ptq.io.safetensors_reader import SafetensorsIndex
+
+        SafetensorsIndex(source.path)  # header validation: clear errors before torch sees it
+    config = _hf_config(source, trust_remote_code)
+    try:
+        model = _auto_class(config).from_pretrained(
             source.path, dtype=torch.float32, trust_remote_code=trust_remote_code
         )
     except Exception as exc:
         raise PtqInputError(f"cannot load weights from {source.path}: {exc}") from None
     model.eval()
-    tokenizer = None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
-    except Exception:  # a model without tokenizer files (e.g. a test model) is still usable
-        tokenizer = None
-    return model, tokenizer
+    return model, load_tokenizer(source, trust_remote_code=trust_remote_code)

@@ -24,7 +24,7 @@ import torch
 from ptq.calibration.distributed import DistributedContext, DistributedError
 from ptq.calibration.hessian import HessianAccumulator
 from ptq.calibration.ordered_hessian import OrderedHessian
-from ptq.calibration.runner import LayerStats, StatsRequest, _new_stats
+from ptq.calibration.stages import LayerStats, StatsRequest, _new_stats
 from ptq.errors import PtqError
 
 HERE = Path(__file__).resolve()

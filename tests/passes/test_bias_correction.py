@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -10,6 +11,7 @@ from torch import nn
 from transformers import LlamaForCausalLM
 
 from ptq.calibration.blocks import forward_batch
+from ptq.calibration.stages import split_calibration
 from ptq.formats import INT3, INT4, PerChannel, QuantFormat, dequantize
 from ptq.formats.presets import preset
 from ptq.frontend.qconv import QuantConv2d
@@ -28,6 +30,11 @@ from ptq.scheme import ACTIVATION_FORMATS, Scheme
 FIRST = "model.layers.0.self_attn.q_proj"  # sees the FP embeddings in every variant
 
 
+def _forwards(model: torch.nn.Module, cal: Any) -> list[Callable[[], Any]]:
+    """Whole-model calibration forwards (batches of 8, as the runner splits them)."""
+    return [functools.partial(forward_batch, model, b) for b in split_calibration(cal, 8)]
+
+
 def test_mean_output_error_decreases(tiny_lm: Callable[[], LlamaForCausalLM]) -> None:
     model = tiny_lm()
     cal = torch.randint(0, 320, (8, 32), generator=torch.Generator().manual_seed(0))
@@ -42,14 +49,14 @@ def test_mean_output_error_decreases(tiny_lm: Callable[[], LlamaForCausalLM]) ->
     fp_b: dict[str, torch.Tensor | None] = dict.fromkeys(names)
     ctx = PassContext(calibration=cal, progress=False)
     Pipeline([RTNPass()]).run(QuantState(model=model, plan=plan), ctx)
-    before = output_bias_shift(model, fp_w, fp_b, cal)
+    before = output_bias_shift(model, fp_w, fp_b, _forwards(model, cal))
 
     corrected = tiny_lm()
     state = QuantState(model=corrected, plan=plan)
     ctx2 = PassContext(calibration=cal, progress=False)
     Pipeline([BiasCorrectionPass(RTNPass())]).run(state, ctx2)
     assert "bias_corrected" in ctx2.facts and "weights_quantized" in ctx2.facts
-    after = output_bias_shift(corrected, fp_w, fp_b, cal)
+    after = output_bias_shift(corrected, fp_w, fp_b, _forwards(corrected, cal))
     assert after[FIRST].abs().max() < 1e-4 < before[FIRST].abs().max()  # same inputs
     total_before = sum(float(v.norm()) for v in before.values())
     total_after = sum(float(v.norm()) for v in after.values())
@@ -154,6 +161,9 @@ def test_convolutions_are_corrected() -> None:
     after = _layer_output_error(corrected, fp, "conv1", cal[0])
     assert after < before
     shift = output_bias_shift(
-        corrected, {"conv1": fp.conv1.weight.detach()}, {"conv1": fp.conv1.bias.detach()}, cal
+        corrected,
+        {"conv1": fp.conv1.weight.detach()},
+        {"conv1": fp.conv1.bias.detach()},
+        _forwards(corrected, cal),
     )
     assert shift["conv1"].abs().max() < 1e-4  # conv1 sees FP inputs: its mean now matches

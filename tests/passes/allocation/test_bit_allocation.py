@@ -100,7 +100,7 @@ def test_infeasible_budget_and_order(tiny_llama: Path, tmp_path: Path) -> None:
     plan = build_plan(net, get_scheme("w4a16"))
     ctx = PassContext(progress=False, calibration=torch.zeros(2, 16, dtype=torch.long))
     config = BitAllocationConfig(budget="5bits", candidates=CANDS, cache_dir=tmp_path)
-    with pytest.raises(ValueError, match="before the weight pass"):
+    with pytest.raises(ValueError, match="before weight quantization"):
         Pipeline([RTNPass(), BitAllocationPass(config)]).run(QuantState(net, plan), ctx)
     with pytest.raises(ValueError, match="budget"):
         BitAllocationConfig(budget="lots")
@@ -127,6 +127,17 @@ def test_export_decompresses_and_reloads(
         progress=False,
         log=lambda *_: None,
     )
+    # the same run in memory: what the streamed output must reload to
+    in_memory = api.quantize(
+        str(tiny_llama),
+        "w4a16",
+        pipeline=[BitAllocationPass(cfg), RTNPass()],
+        calibration=api.CalibrationConfig(path=text_file, samples=4, seqlen=32),
+        progress=False,
+        log=lambda *_: None,
+    )
+    assert in_memory.model is not None
+    assert in_memory.records["allocation"]["choice"] == result.records["allocation"]["choice"]
     qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qcfg["format"] == "mixed-precision"
     choice = result.records["allocation"]["choice"]
@@ -140,7 +151,7 @@ def test_export_decompresses_and_reloads(
     assert {n for n, c in choice.items() if c == "fp16"} <= set(qcfg["ignore"])
     loaded, _ = load_quantized_model(out)
     for name in choice:
-        ref, got = result.model.get_submodule(name), loaded.get_submodule(name)
+        ref, got = in_memory.model.get_submodule(name), loaded.get_submodule(name)
         assert isinstance(got, QuantLinear) == (name in quantized)
         assert isinstance(ref, nn.Linear | QuantLinear) and isinstance(got, nn.Linear | QuantLinear)
         assert torch.equal(ref.weight, got.weight), name

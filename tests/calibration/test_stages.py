@@ -1,4 +1,4 @@
-"""BlockwiseRunner: stage statistics, early-stopped stage forwards, shared Hessians."""
+"""Stages inside a unit: statistics, early-stopped stage forwards, shared Hessians."""
 
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from ptq.calibration.runner import BlockwiseRunner, LayerStats, StatsRequest
+from ptq.calibration.stages import LayerStats, StatsRequest, run_stages
+from ptq.pipeline import Pass, PassContext, Pipeline, QuantState
+from ptq.plan import LayerPlan, QuantPlan
+from ptq.scheme import get_scheme
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 LINEARS += ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -41,16 +44,35 @@ def _reference_hessians(model: nn.Module, names: list[str], ids: torch.Tensor) -
     return {n: 2.0 * sums[n] / counts[n] for n in names}
 
 
+class _Recorder(Pass):
+    """Runs the stages with a quantizer that only records statistics (weights untouched)."""
+
+    needs_calibration = True
+
+    def __init__(self, seen: dict[str, LayerStats]) -> None:
+        self.seen = seen
+
+    def run_unit(self, state: QuantState, ctx: PassContext) -> None:
+        assert state.unit is not None
+        request = StatsRequest(hessian=True, input_rows=16)
+        run_stages(state.unit, request, lambda name, stats: self.seen.__setitem__(name, stats))
+
+
 def _run(model: nn.Module, ids: torch.Tensor) -> dict[str, LayerStats]:
-    """Run the runner with a quantizer that only records statistics (weights untouched)."""
     seen: dict[str, LayerStats] = {}
-    runner = BlockwiseRunner(
-        StatsRequest(hessian=True, input_rows=16),
-        lambda name, stats: seen.__setitem__(name, stats),
-        batch_size=2,
-        progress=False,
-    )
-    runner.run(model, _names(model), ids)
+    scheme = get_scheme("w8a16")
+    plan = QuantPlan(scheme=scheme)
+    for n in _names(model):
+        lin = model.get_submodule(n)
+        plan.layers[n] = LayerPlan(
+            name=n,
+            in_features=lin.in_features,
+            out_features=lin.out_features,
+            weight=scheme.weight,
+            activation=None,
+        )
+    ctx = PassContext(calibration=ids, progress=False, batch_size=2)
+    Pipeline([_Recorder(seen)]).run(QuantState(model=model, plan=plan), ctx)
     return seen
 
 
@@ -118,7 +140,7 @@ def test_resumed_stages_quantize_like_full_forwards(
 ) -> None:
     """GPTQ through the runner gives bit-identical weights whether each stage's forwards
     start at the block or resume from the cached inputs of a submodule."""
-    import ptq.calibration.runner as runner
+    import ptq.calibration.stages as stages
     from ptq.formats import INT4, PerGroup, QuantFormat
     from ptq.passes.gptq import GPTQPass
     from ptq.pipeline import PassContext, Pipeline, QuantState
@@ -136,7 +158,7 @@ def test_resumed_stages_quantize_like_full_forwards(
         return {k: v.clone() for k, v in model.state_dict().items()}
 
     resumed = quantized()
-    monkeypatch.setattr(runner, "_common_parent", lambda *_a: None)
+    monkeypatch.setattr(stages, "_common_parent", lambda *_a: None)
     full = quantized()
     assert resumed.keys() == full.keys()
     for k in full:

@@ -1,0 +1,320 @@
+"""Where the runner's weights come from: a model in memory, or safetensors read lazily.
+
+The block-wise runner (:mod:`ptq.calibration.runner`) sees a model as its *outer* part
+(embeddings, final norm, head: every parameter not inside the repeated blocks) and its
+blocks, and asks a :class:`WeightSource` to make one of them real at a time:
+
+* :class:`InMemorySource` wraps an ``nn.Module`` whose weights are already loaded (the
+  Python API); loading only moves a part to the run's device and back.
+* :class:`LazySource` builds the module tree on the ``meta`` device (no weights) and
+  reads a part's tensors from the safetensors shards when it is loaded, in fp32, onto
+  the device; releasing puts the part back on ``meta``. Peak memory is one part.
+
+Tied parameters (an LM head sharing the embedding matrix) are read from whichever name
+the checkpoint stores; a pass that unties them (rotation) keeps reading the stored
+tensor for both. An *overlay* folder of safetensors, when set, takes precedence over the
+checkpoint for the outer part: the runner keeps outer weights that a pass changed
+before the blocks there (the rotated embedding), so they survive being released.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ptq.calibration.blocks import find_blocks
+from ptq.errors import PtqInputError
+from ptq.io.safetensors_reader import SafetensorsFile, SafetensorsIndex
+
+OVERLAY_FILE = "outer.safetensors"
+
+
+def _owner(root: nn.Module, name: str) -> tuple[nn.Module, str]:
+    mod_name, _, attr = name.rpartition(".")
+    return (root.get_submodule(mod_name) if mod_name else root), attr
+
+
+def move_module(module: nn.Module, device: torch.device) -> None:
+    """``module.to(device)``, quantized weights (``qweight`` QTensors) included."""
+    module.to(device)
+    for m in module.modules():
+        q = getattr(m, "qweight", None)
+        if q is not None and dataclasses.is_dataclass(q) and not isinstance(q, type):
+            moved = {
+                f.name: getattr(q, f.name).to(device)
+                for f in dataclasses.fields(q)
+                if isinstance(getattr(q, f.name), torch.Tensor)
+            }
+            setattr(m, "qweight", dataclasses.replace(q, **moved))  # noqa: B010
+
+
+class WeightSource:
+    """Base: the module tree and the split into blocks and outer part.
+
+    Attributes:
+        model: The module tree passes see (real in memory, a meta skeleton when lazy).
+        block_path: Dotted path of the blocks' ``ModuleList`` (None: no repeated blocks,
+            the whole model is one unit).
+        device: Where loaded parts live.
+    """
+
+    lazy: bool = False
+
+    def __init__(self, model: nn.Module, device: torch.device) -> None:
+        self.model = model
+        self.device = device
+        found = find_blocks(model)
+        self.block_path: str | None = found[0] if found is not None else None
+        self.blocks: nn.ModuleList | None = found[1] if found is not None else None
+
+    @property
+    def n_blocks(self) -> int:
+        return 0 if self.blocks is None else len(self.blocks)
+
+    def block_prefix(self, i: int) -> str:
+        assert self.block_path is not None
+        return f"{self.block_path}.{i}."
+
+    def outer_names(self) -> list[str]:
+        """State-dict names outside the blocks (tied aliases once, under the first name)."""
+        prefix = f"{self.block_path}." if self.block_path else None
+        seen: set[int] = set()
+        out = []
+        for name, t in self.model.state_dict(keep_vars=True).items():
+            if prefix is not None and name.startswith(prefix):
+                continue
+            if id(t) in seen:
+                continue
+            seen.add(id(t))
+            out.append(name)
+        return out
+
+    def load_block(self, i: int) -> nn.Module:
+        """Make block ``i`` real on the device and return it."""
+        raise NotImplementedError
+
+    def release_block(self, i: int) -> None:
+        """Drop block ``i``'s weights (lazy) or move it back to the CPU (in memory)."""
+        raise NotImplementedError
+
+    def load_outer(self, *, original: bool = False) -> None:
+        """Make the outer part real on the device (``original``: as stored, no overlay)."""
+        raise NotImplementedError
+
+    def release_outer(self) -> None:
+        """Drop the outer part's weights (lazy) or move it back to the CPU (in memory)."""
+        raise NotImplementedError
+
+    def set_overlay(self, folder: Path | None) -> None:
+        """Outer tensors saved in ``folder/outer.safetensors`` override the checkpoint."""
+
+    def stored(self, name: str) -> torch.Tensor:
+        """Outer tensor ``name`` as it will be written: from the overlay or the source."""
+        raise NotImplementedError
+
+    def current(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` as the module tree holds it now (must be loaded)."""
+        owner, attr = _owner(self.model, name)
+        t = getattr(owner, attr)
+        assert isinstance(t, torch.Tensor)
+        return t.detach()
+
+
+def _named_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    yield from model.named_parameters(remove_duplicate=False)
+    yield from model.named_buffers(remove_duplicate=False)
+
+
+class InMemorySource(WeightSource):
+    """A loaded model; parts move to the device while they are worked on."""
+
+    def __init__(self, model: nn.Module, device: torch.device | str = "cpu") -> None:
+        super().__init__(model, torch.device(device))
+        self._home = next((p.device for p in model.parameters()), torch.device("cpu"))
+
+    def load_block(self, i: int) -> nn.Module:
+        assert self.blocks is not None
+        if self.device != self._home:
+            move_module(self.blocks[i], self.device)
+        return self.blocks[i]
+
+    def release_block(self, i: int) -> None:
+        assert self.blocks is not None
+        if self.device != self._home:
+            move_module(self.blocks[i], self._home)
+
+    def load_outer(self, *, original: bool = False) -> None:
+        if original:
+            raise ValueError("an in-memory model keeps no copy of its original weights")
+        if self.device != self._home:
+            _move_outer(self.model, self.block_path, self.device)
+
+    def release_outer(self) -> None:
+        if self.device != self._home:
+            _move_outer(self.model, self.block_path, self._home)
+
+    def stored(self, name: str) -> torch.Tensor:
+        return self.current(name)
+
+
+def _move_outer(model: nn.Module, block_path: str | None, device: torch.device) -> None:
+    prefix = f"{block_path}." if block_path else None
+    for name, t in list(_named_tensors(model)):
+        if prefix is not None and name.startswith(prefix):
+            continue
+        owner, attr = _owner(model, name)
+        if t.device != device:
+            _assign(owner, attr, t.detach().to(device), isinstance(t, nn.Parameter))
+
+
+def _assign(owner: nn.Module, attr: str, value: torch.Tensor, parameter: bool) -> None:
+    if parameter:
+        setattr(owner, attr, nn.Parameter(value, requires_grad=False))
+    else:
+        owner._buffers[attr] = value
+
+
+class LazySource(WeightSource):
+    """A model folder read part by part from its safetensors shards.
+
+    Args:
+        path: The Hugging Face folder (config.json + safetensors).
+        model: The meta skeleton (:func:`ptq.models.source.build_skeleton`).
+        device: Where loaded parts live.
+    """
+
+    lazy = True
+
+    def __init__(self, path: Path, model: nn.Module, device: torch.device | str = "cpu") -> None:
+        super().__init__(model, torch.device(device))
+        self.index = SafetensorsIndex(path)
+        self.path = path
+        self._overlay: SafetensorsFile | None = None
+        self._stored_name = self._stored_names()
+        self._pristine = [copy.deepcopy(b) for b in self.blocks] if self.blocks is not None else []
+        missing = [n for n, s in self._stored_name.items() if s is None and _is_param(model, n)]
+        if missing:
+            raise PtqInputError(
+                f"{path}: the checkpoint lacks {len(missing)} weight(s) the model needs, "
+                f"e.g. {', '.join(missing[:3])}; re-download or re-convert it"
+            )
+
+    def _stored_names(self) -> dict[str, str | None]:
+        """For every tensor name: the checkpoint name holding it (tied aliases share one)."""
+        groups: dict[int, list[str]] = {}
+        for name, t in _named_tensors(self.model):
+            groups.setdefault(id(t), []).append(name)
+        out: dict[str, str | None] = {}
+        for names in groups.values():
+            stored = next((n for n in names if n in self.index), None)
+            for n in names:
+                out[n] = stored
+        return out
+
+    def set_overlay(self, folder: Path | None) -> None:
+        path = None if folder is None else folder / OVERLAY_FILE
+        self._overlay = SafetensorsFile(path) if path is not None and path.is_file() else None
+
+    def _read(self, name: str, *, original: bool = False) -> torch.Tensor | None:
+        if not original and self._overlay is not None and name in self._overlay:
+            return self._overlay.get(name)
+        stored = self._stored_name.get(name)
+        return None if stored is None else self.index.get(stored)
+
+    def stored(self, name: str) -> torch.Tensor:
+        t = self._read(name)
+        if t is None:
+            raise PtqInputError(f"{self.path}: no tensor {name!r} in the checkpoint")
+        return t
+
+    def _materialize(self, root: nn.Module, prefix: str, *, original: bool = False) -> None:
+        """Load every meta tensor of ``root`` (names ``prefix + local``); ties are kept."""
+        groups: dict[int, list[tuple[str, torch.Tensor]]] = {}
+        for local, t in _named_tensors(root):
+            if t.device.type == "meta":
+                groups.setdefault(id(t), []).append((local, t))
+        for members in groups.values():
+            local, t = members[0]
+            value = self._read(prefix + local, original=original)
+            if value is None:
+                value = next(
+                    (
+                        v
+                        for v in (self._read(prefix + m, original=original) for m, _ in members[1:])
+                        if v is not None
+                    ),
+                    None,
+                )
+            if value is None:
+                raise PtqInputError(
+                    f"{self.path}: no tensor for {prefix + local} in the checkpoint"
+                )
+            if tuple(value.shape) != tuple(t.shape):
+                raise PtqInputError(
+                    f"{self.path}: tensor {prefix + local} has shape {tuple(value.shape)}, "
+                    f"the model expects {tuple(t.shape)}"
+                )
+            if value.is_floating_point():
+                value = value.to(torch.float32)
+            value = value.to(self.device)
+            param = isinstance(t, nn.Parameter)
+            shared = nn.Parameter(value, requires_grad=False) if param else value
+            for name, _ in members:
+                owner, attr = _owner(root, name)
+                if param:
+                    setattr(owner, attr, shared)
+                else:
+                    owner._buffers[attr] = shared
+
+    def load_block(self, i: int) -> nn.Module:
+        assert self.blocks is not None
+        self._materialize(self.blocks[i], self.block_prefix(i))
+        return self.blocks[i]
+
+    def release_block(self, i: int) -> None:
+        assert self.blocks is not None
+        self.blocks[i] = copy.deepcopy(self._pristine[i])
+
+    def load_outer(self, *, original: bool = False) -> None:
+        prefix = f"{self.block_path}." if self.block_path else None
+        if prefix is None:
+            self._materialize(self.model, "", original=original)
+            return
+        saved = self.blocks
+        holder, attr = _owner(self.model, self.block_path or "")
+        holder._modules[attr] = nn.ModuleList()  # hide the blocks while loading the rest
+        try:
+            self._materialize(self.model, "", original=original)
+        finally:
+            holder._modules[attr] = saved
+
+    def release_outer(self) -> None:
+        prefix = f"{self.block_path}." if self.block_path else None
+        groups: dict[int, list[str]] = {}
+        for name, t in _named_tensors(self.model):
+            if prefix is not None and name.startswith(prefix):
+                continue
+            if t.device.type != "meta" and self._stored_name.get(name) is not None:
+                groups.setdefault(id(t), []).append(name)
+        for names in groups.values():
+            owner, attr = _owner(self.model, names[0])
+            t = getattr(owner, attr)
+            meta = torch.empty(t.shape, dtype=t.dtype, device="meta")
+            param = isinstance(t, nn.Parameter)
+            shared = nn.Parameter(meta, requires_grad=False) if param else meta
+            for name in names:
+                o, a = _owner(self.model, name)
+                if param:
+                    setattr(o, a, shared)
+                else:
+                    o._buffers[a] = shared
+
+
+def _is_param(model: nn.Module, name: str) -> bool:
+    owner, attr = _owner(model, name)
+    return attr in owner._parameters
