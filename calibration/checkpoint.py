@@ -66,12 +66,7 @@ class Checkpointer:
     enabled: bool = True
     _last: float = field(default_factory=time.perf_counter)
 
-    def load(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
-        """The last checkpoint of this command: ``(state, streams)``, or None.
-
-        Raises:
-            PtqUsageError: The folder holds another command's run and ``restart`` is off.
-        """
+    def _state(self) -> dict[str, Any] | None:
         path = self.work / STATE_FILE
         if not path.is_file():
             return None
@@ -82,7 +77,33 @@ class Checkpointer:
                     f"{self.work} holds an interrupted run of a different command or config; "
                     "rerun the original command to resume it, or pass --restart"
                 )
+            return None
+        return dict(state)
+
+    def open(self) -> bool:
+        """Make the work folder ready before anything is written to it.
+
+        A folder holding this command's checkpoint is kept (True: the run resumes);
+        anything else there (a run killed before its first checkpoint, or, with
+        ``restart``, another command's run) is removed.
+
+        Raises:
+            PtqUsageError: The folder holds another command's run and ``restart`` is off.
+        """
+        resumable = self._state() is not None
+        if not resumable:
             self.clear()
+        self.work.mkdir(parents=True, exist_ok=True)
+        return resumable
+
+    def load(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
+        """The last checkpoint of this command: ``(state, streams)``, or None.
+
+        Raises:
+            PtqUsageError: The folder holds another command's run and ``restart`` is off.
+        """
+        state = self._state()
+        if state is None:
             return None
         streams = self.work / STREAMS_FILE
         return state, (load_file(str(streams)) if streams.is_file() else {})

@@ -151,6 +151,8 @@ class GroupedHessian:
                 f"got {tuple(rows.shape)}"
             )
         xg = rows.detach().double().reshape(rows.shape[0], self.groups, self.in_features)
+        if self._count == 0:
+            self._sum = self._sum.to(xg.device)  # accumulate where the rows are (a GPU run)
         self._sum += torch.einsum("ngi,ngj->gij", xg, xg)
         self._count += rows.shape[0]
 

@@ -293,8 +293,7 @@ class UnitRunner:
         windows = self._windows()
         if not (batches or windows or self.has_prologue):
             return
-        self.source.load_outer(original=self.source.lazy)
-        with torch.no_grad():
+        with torch.no_grad(), self.source.outer_on_demand(original=self.source.lazy):
             if self._eval("eval_fp"):
                 self.streams["eval_fp"] = self._capture("eval_fp", windows)
             for p in self.passes:
@@ -326,7 +325,8 @@ class UnitRunner:
         assert self.settings.checkpoint is not None
         work = self.settings.checkpoint.work
         work.mkdir(parents=True, exist_ok=True)
-        tensors = {n: self.source.current(n) for n in self.source.outer_names()}
+        current = {n: self.source.current(n) for n in self.source.outer_names()}
+        tensors = {n: t for n, t in current.items() if t.device.type != "meta"}
         tmp = work / (OVERLAY_FILE + ".tmp")
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
         tmp.replace(work / OVERLAY_FILE)

@@ -99,7 +99,6 @@ class AdaRoundPass(_RowReconstructionPass):
             "loss_start": res.loss_start,
             "loss_end": res.loss_end,
             "non_binary_fraction": res.non_binary_fraction(),
-            "seconds": res.time_s,
         }
         return res.qtensor, None, record
 
@@ -133,6 +132,5 @@ class AdaQuantPass(_RowReconstructionPass):
             "loss_start": res.loss_start,
             "loss_end": res.loss_end,
             "kept_start": res.kept_start,
-            "seconds": res.time_s,
         }
         return res.qtensor, res.bias, record

@@ -109,7 +109,6 @@ class GPTQPass(LayerwisePass):
                 damp=res.stats.damp,
                 retries=res.stats.retries,
                 dead_columns=res.stats.dead_columns,
-                seconds=res.stats.time_s,
             )
         elif _row_separable(plan.weight, w.shape[0] // geo.groups, w.shape[1]):
             per = w.shape[0] // geo.groups
@@ -131,7 +130,6 @@ class GPTQPass(LayerwisePass):
                 hessian_error=sum(r.stats.error for r in results),
                 retries=sum(r.stats.retries for r in results),
                 dead_columns=sum(r.stats.dead_columns for r in results),
-                seconds=sum(r.stats.time_s for r in results),
             )
         else:
             qt = quantize(w, plan.weight)

@@ -41,7 +41,10 @@ class ChannelMoments:
     def __post_init__(self) -> None:
         if self.channels < 1:
             raise ValueError(f"ChannelMoments needs >= 1 channel, got {self.channels}")
-        zeros = torch.zeros(self.channels, dtype=torch.float64)
+        self._reset(torch.device("cpu"))
+
+    def _reset(self, device: torch.device) -> None:
+        zeros = torch.zeros(self.channels, dtype=torch.float64, device=device)
         self.sum_q, self.sum_fp = zeros.clone(), zeros.clone()
         self.sum_qq, self.sum_qfp = zeros.clone(), zeros.clone()
 
@@ -55,6 +58,8 @@ class ChannelMoments:
             )
         f = fp_out.detach().double().movedim(channel_dim, -1).reshape(-1, self.channels)
         q = q_out.detach().double().movedim(channel_dim, -1).reshape(-1, self.channels)
+        if self.count == 0 and self.sum_q.device != q.device:
+            self._reset(q.device)  # the sums live where the outputs are (a GPU run)
         self.count += f.shape[0]
         self.sum_q += q.sum(0)
         self.sum_fp += f.sum(0)

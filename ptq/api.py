@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import shutil
 import time
@@ -162,6 +163,10 @@ def quantize(
     dctx = distributed if distributed is not None else DistributedContext.from_env()
     if dctx.world == 1:
         return run(progress=progress, log=log, dctx=None)
+    from ptq.devices import resolve_device
+
+    if resolve_device(device, dctx.local_rank).type == "cuda" and dctx.backend != "nccl":
+        dctx = dataclasses.replace(dctx, backend="nccl")  # one GPU per rank: NCCL collectives
     joined = dctx.init()
     try:
         if dctx.is_main:
@@ -257,18 +262,15 @@ def _quantize(
     ckpt = Checkpointer(
         work, fingerprint(key), restart=restart, interval_s=checkpoint_interval_s, enabled=main
     )
-    if main:
-        saved = (work / "state.json").is_file()
-        if not saved:
-            ckpt.clear()
-        work.mkdir(parents=True, exist_ok=True)
+    if main and ckpt.open():
+        log(f"resuming the interrupted run in {work}")
+    if dctx is not None:
+        dctx.barrier("waiting for rank 0 to open the work folder")  # ranks resume alike
     writer = (
         CompressedTensorsOutput(ShardWriter(work), plan, skeleton, source.path, source.config)
         if main
         else None
     )
-    if main and (work / "state.json").is_file():
-        log(f"resuming the interrupted run in {work}")
     outcome = run_passes(
         lazy,
         QuantState(model=skeleton, plan=plan, tokenizer=tokenizer),

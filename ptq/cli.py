@@ -200,6 +200,13 @@ def main() -> None:
     is_flag=True,
     help="Discard an interrupted run of another command (the .OUT.work folder) and start over.",
 )
+@click.option(
+    "--checkpoint-interval",
+    type=float,
+    default=60.0,
+    show_default=True,
+    help="Least seconds between resume checkpoints (0: after every block).",
+)
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option(
     "--offload-dir",
@@ -300,6 +307,7 @@ def quantize(
     overwrite: bool,
     trust_remote_code: bool,
     restart: bool,
+    checkpoint_interval: float,
     device: str,
     offload_dir: Path | None,
     recipe: Path | None,
@@ -417,6 +425,7 @@ def quantize(
         restart=restart,
         device=device,
         offload_dir=offload_dir,
+        checkpoint_interval_s=checkpoint_interval,
         log=click.echo,
         distributed=DistributedContext.from_env(layer_parallel=parallel == "layer"),
     )

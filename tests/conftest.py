@@ -142,6 +142,12 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def deep_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama folder with 4 blocks (runs that stop and resume mid-model)."""
+    return make_tiny_model(tmp_path_factory.mktemp("deep") / "llama", num_hidden_layers=4)
+
+
+@pytest.fixture(scope="session")
 def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("text") / "eval.txt"
     path.write_text(synthetic_text(4000, seed=7))

@@ -19,9 +19,11 @@ before the blocks there (the rotated embedding), so they survive being released.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -106,6 +108,12 @@ class WeightSource:
         """Make the outer part real on the device (``original``: as stored, no overlay)."""
         raise NotImplementedError
 
+    @contextlib.contextmanager
+    def outer_on_demand(self, *, original: bool = False) -> Iterator[None]:
+        """The outer part, loaded as far as the code inside uses it (default: all of it)."""
+        self.load_outer(original=original)
+        yield
+
     def release_outer(self) -> None:
         """Drop the outer part's weights (lazy) or move it back to the CPU (in memory)."""
         raise NotImplementedError
@@ -125,9 +133,9 @@ class WeightSource:
         return t.detach()
 
 
-def _named_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    yield from model.named_parameters(remove_duplicate=False)
-    yield from model.named_buffers(remove_duplicate=False)
+def _named_tensors(model: nn.Module, recurse: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    yield from model.named_parameters(remove_duplicate=False, recurse=recurse)
+    yield from model.named_buffers(remove_duplicate=False, recurse=recurse)
 
 
 class InMemorySource(WeightSource):
@@ -232,48 +240,54 @@ class LazySource(WeightSource):
             raise PtqInputError(f"{self.path}: no tensor {name!r} in the checkpoint")
         return t
 
-    def _materialize(self, root: nn.Module, prefix: str, *, original: bool = False) -> None:
-        """Load every meta tensor of ``root`` (names ``prefix + local``); ties are kept."""
-        groups: dict[int, list[tuple[str, torch.Tensor]]] = {}
-        for local, t in _named_tensors(root):
-            if t.device.type == "meta":
-                groups.setdefault(id(t), []).append((local, t))
-        for members in groups.values():
-            local, t = members[0]
-            value = self._read(prefix + local, original=original)
+    def _groups(self, names: set[str]) -> list[list[str]]:
+        """Alias groups (one tensor object, several names) touching ``names``."""
+        by_id: dict[int, list[str]] = {}
+        for name, t in _named_tensors(self.model):
+            by_id.setdefault(id(t), []).append(name)
+        return [g for g in by_id.values() if any(n in names for n in g)]
+
+    def _outer_names(self) -> set[str]:
+        inside = f"{self.block_path}." if self.block_path else None
+        return {
+            n for n, _ in _named_tensors(self.model) if inside is None or not n.startswith(inside)
+        }
+
+    def _load(self, names: set[str], *, original: bool = False) -> None:
+        """Load the meta tensors among ``names`` (and their tied aliases) onto the device."""
+        for group in self._groups(names):
+            owner, attr = _owner(self.model, group[0])
+            t = getattr(owner, attr)
+            if t.device.type != "meta":
+                continue
+            value = next(
+                (v for v in (self._read(n, original=original) for n in group) if v is not None),
+                None,
+            )
             if value is None:
-                value = next(
-                    (
-                        v
-                        for v in (self._read(prefix + m, original=original) for m, _ in members[1:])
-                        if v is not None
-                    ),
-                    None,
-                )
-            if value is None:
-                raise PtqInputError(
-                    f"{self.path}: no tensor for {prefix + local} in the checkpoint"
-                )
+                raise PtqInputError(f"{self.path}: no tensor for {group[0]} in the checkpoint")
             if tuple(value.shape) != tuple(t.shape):
                 raise PtqInputError(
-                    f"{self.path}: tensor {prefix + local} has shape {tuple(value.shape)}, "
+                    f"{self.path}: tensor {group[0]} has shape {tuple(value.shape)}, "
                     f"the model expects {tuple(t.shape)}"
                 )
             if value.is_floating_point():
                 value = value.to(torch.float32)
-            value = value.to(self.device)
-            param = isinstance(t, nn.Parameter)
-            shared = nn.Parameter(value, requires_grad=False) if param else value
-            for name, _ in members:
-                owner, attr = _owner(root, name)
-                if param:
-                    setattr(owner, attr, shared)
-                else:
-                    owner._buffers[attr] = shared
+            self._assign_all(group, value.to(self.device), isinstance(t, nn.Parameter))
+
+    def _assign_all(self, names: list[str], value: torch.Tensor, parameter: bool) -> None:
+        shared = nn.Parameter(value, requires_grad=False) if parameter else value
+        for name in names:
+            owner, attr = _owner(self.model, name)
+            if parameter:
+                setattr(owner, attr, shared)
+            else:
+                owner._buffers[attr] = shared
 
     def load_block(self, i: int) -> nn.Module:
         assert self.blocks is not None
-        self._materialize(self.blocks[i], self.block_prefix(i))
+        prefix = self.block_prefix(i)
+        self._load({prefix + n for n, _ in _named_tensors(self.blocks[i])})
         return self.blocks[i]
 
     def release_block(self, i: int) -> None:
@@ -281,38 +295,46 @@ class LazySource(WeightSource):
         self.blocks[i] = copy.deepcopy(self._pristine[i])
 
     def load_outer(self, *, original: bool = False) -> None:
-        prefix = f"{self.block_path}." if self.block_path else None
-        if prefix is None:
-            self._materialize(self.model, "", original=original)
+        self._load(self._outer_names(), original=original)
+
+    @contextlib.contextmanager
+    def outer_on_demand(self, *, original: bool = False) -> Iterator[None]:
+        """Load the input embeddings now and every other outer module when it first runs
+        (the forward up to block 0 never touches the head, which stays unloaded)."""
+        emb = getattr(self.model, "get_input_embeddings", None)
+        module = emb() if callable(emb) else None
+        names = {n for n, m in self.model.named_modules() if m is module}
+        if module is None or not names:
+            self.load_outer(original=original)
+            yield
             return
-        saved = self.blocks
-        holder, attr = _owner(self.model, self.block_path or "")
-        holder._modules[attr] = nn.ModuleList()  # hide the blocks while loading the rest
+        name = next(iter(names))
+        self._load({f"{name}.{n}" for n, _ in _named_tensors(module)}, original=original)
+        outer = self._outer_names()
+        handles = []
+        for mod_name, mod in self.model.named_modules():
+            own = {f"{mod_name}.{n}" if mod_name else n for n, _ in _named_tensors(mod, False)}
+            if own and own <= outer:
+
+                def hook(_m: nn.Module, _a: Any, _own: set[str] = own) -> None:
+                    self._load(_own, original=original)
+
+                handles.append(mod.register_forward_pre_hook(hook))
         try:
-            self._materialize(self.model, "", original=original)
+            yield
         finally:
-            holder._modules[attr] = saved
+            for h in handles:
+                h.remove()
 
     def release_outer(self) -> None:
-        prefix = f"{self.block_path}." if self.block_path else None
-        groups: dict[int, list[str]] = {}
-        for name, t in _named_tensors(self.model):
-            if prefix is not None and name.startswith(prefix):
-                continue
-            if t.device.type != "meta" and self._stored_name.get(name) is not None:
-                groups.setdefault(id(t), []).append(name)
-        for names in groups.values():
-            owner, attr = _owner(self.model, names[0])
+        outer = self._outer_names()
+        for group in self._groups(outer):
+            owner, attr = _owner(self.model, group[0])
             t = getattr(owner, attr)
+            if t.device.type == "meta" or all(self._stored_name.get(n) is None for n in group):
+                continue
             meta = torch.empty(t.shape, dtype=t.dtype, device="meta")
-            param = isinstance(t, nn.Parameter)
-            shared = nn.Parameter(meta, requires_grad=False) if param else meta
-            for name in names:
-                o, a = _owner(self.model, name)
-                if param:
-                    setattr(o, a, shared)
-                else:
-                    o._buffers[a] = shared
+            self._assign_all(group, meta, isinstance(t, nn.Parameter))
 
 
 def _is_param(model: nn.Module, name: str) -> bool:

@@ -1,0 +1,133 @@
+"""Every pipeline resumes: an interrupted run continues to byte-identical output."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ptq.api import CalibrationConfig, quantize
+from ptq.calibration.checkpoint import Checkpointer
+from ptq.compose import build_passes
+from ptq.errors import PtqUsageError
+from ptq.scheme import get_scheme
+
+CAL = CalibrationConfig(samples=6, seqlen=32)
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def _passes() -> list:  # type: ignore[type-arg]
+    """SmoothQuant (alpha searched) + GPTQ + LoRC: the pipeline the issue names."""
+    return build_passes(get_scheme("w4a8"), method="gptq", smoothquant="search", lorc=4)
+
+
+def _run(model: Path, out: Path, **kw: object) -> None:
+    quantize(
+        model,
+        "w4a8",
+        output=out,
+        pipeline=_passes(),
+        calibration=CAL,
+        progress=False,
+        log=lambda *_: None,
+        checkpoint_interval_s=0.0,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture(scope="module")
+def reference(deep_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    out = tmp_path_factory.mktemp("ref") / "o"
+    _run(deep_llama, out)
+    return _digests(out)
+
+
+def test_interrupted_run_resumes_to_identical_bytes(
+    deep_llama: Path, tmp_path: Path, reference: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "o"
+    real = Checkpointer.save
+    saved: list[int] = []
+
+    def crash_after_two(self: Checkpointer, state: dict, streams: dict) -> None:  # type: ignore[type-arg]
+        real(self, state, streams)
+        saved.append(int(state["next_block"]))
+        if len(saved) == 2:
+            raise KeyboardInterrupt("simulated kill after block 1")
+
+    monkeypatch.setattr(Checkpointer, "save", crash_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        _run(deep_llama, out)
+    assert not out.exists() and (tmp_path / ".o.work" / "state.json").is_file()
+    monkeypatch.setattr(Checkpointer, "save", real)
+    ran: list[int] = []
+    import ptq.calibration.runner as runner
+
+    real_block = runner.UnitRunner._block
+    monkeypatch.setattr(
+        runner.UnitRunner, "_block", lambda self, i, b: (ran.append(i), real_block(self, i, b))
+    )
+    _run(deep_llama, out)
+    assert ran == [2, 3]  # only the blocks after the checkpoint ran again
+    assert _digests(out) == reference
+    assert not (tmp_path / ".o.work").exists()
+
+
+def test_changed_command_is_refused_then_restarted(
+    deep_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "o"
+    real = Checkpointer.save
+
+    def crash(self: Checkpointer, state: dict, streams: dict) -> None:  # type: ignore[type-arg]
+        real(self, state, streams)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Checkpointer, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        _run(deep_llama, out)
+    monkeypatch.setattr(Checkpointer, "save", real)
+    kw = {"calibration": CAL, "progress": False, "log": lambda *_: None}
+    with pytest.raises(PtqUsageError, match="--restart"):
+        quantize(deep_llama, "w8a16", output=out, **kw)  # type: ignore[arg-type]
+    quantize(deep_llama, "w8a16", output=out, restart=True, **kw)  # type: ignore[arg-type]
+    assert (out / "model.safetensors").is_file()
+
+
+def test_kill_9_then_rerun_is_byte_identical(
+    deep_llama: Path, tmp_path: Path, reference: dict[str, str]
+) -> None:
+    """A real ``kill -9`` of ``ptq quantize`` while it works on block 2, then the same
+    command again: the output equals an uninterrupted run's, file for file."""
+    out = tmp_path / "o"
+    cmd = [
+        sys.executable, "-m", "ptq.cli", "quantize", str(deep_llama), "--w4a8",
+        "--method", "gptq", "--smoothquant", "--lorc", "4",
+        "--calib-samples", "6", "--calib-seqlen", "32", "--checkpoint-interval", "0",
+        "-o", str(out), "-q",
+    ]  # fmt: skip
+    state = tmp_path / ".o.work" / "state.json"
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if state.is_file() and '"next_block": 2' in state.read_text():
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait(timeout=60)
+    if proc.returncode == 0:
+        pytest.fail("the run finished before it could be killed; the test model is too small")
+    assert proc.returncode == -signal.SIGKILL
+    assert not out.exists()
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert _digests(out) == reference
