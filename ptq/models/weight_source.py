@@ -23,8 +23,8 @@ import contextlib
 import copy
 import dataclasses
 from collections.abc import Iterator
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
