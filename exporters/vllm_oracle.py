@@ -72,7 +72,9 @@ class VllmOracle:
         read_fd, write_fd = os.pipe()
         sink = open(log, "w") if log is not None else subprocess.DEVNULL  # noqa: SIM115
         self._proc = subprocess.Popen(
-            [str(python), str(WORKER), "--reply-fd", str(write_fd)],
+            # -P: the worker's folder (exporters/, which holds onnx/ and cuda/) must not
+            # shadow vLLM's imports
+            [str(python), "-P", str(WORKER), "--reply-fd", str(write_fd)],
             stdin=subprocess.PIPE,
             stdout=sink,
             stderr=subprocess.STDOUT if log is not None else subprocess.DEVNULL,

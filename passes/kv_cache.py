@@ -156,7 +156,9 @@ def kv_cache_scales(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def install_kv_cache_scales(model: nn.Module, scales: dict[str, torch.Tensor], dtype: KVDtype) -> None:
+def install_kv_cache_scales(
+    model: nn.Module, scales: dict[str, torch.Tensor], dtype: KVDtype
+) -> None:
     """Re-install KV-cache fake quantization from exported scales (reloading an output).
 
     Args:

@@ -93,7 +93,7 @@ def _install_kv_cache(
     if not scales:
         return
     scheme = qconfig.get("kv_cache_scheme") or {}
-    kinds = {("float", 8): "fp8_e4m3", ("int", 8): "int8"}
+    kinds: dict[tuple[Any, Any], str] = {("float", 8): "fp8_e4m3", ("int", 8): "int8"}
     dtype = kinds.get((scheme.get("type"), scheme.get("num_bits")))
     if dtype is None:
         raise PtqInputError(

@@ -153,8 +153,10 @@ W8A8_CASES = ["int8_channel", "int8_g128"]
 
 @pytest.mark.parametrize("name", W8A8_CASES)
 def test_int8_with_activations_is_int_quantized_bit_exact(name: str) -> None:
-    fmt = preset(name) if name == "int8_channel" else preset("int8_channel").with_granularity(
-        PerGroup(128)
+    fmt = (
+        preset(name)
+        if name == "int8_channel"
+        else preset("int8_channel").with_granularity(PerGroup(128))
     )
     assert ct_format_name(fmt) == "pack-quantized"
     assert ct_format_name(fmt, quantized_activations=True) == "int-quantized"
