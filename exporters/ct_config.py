@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from ptq import __version__
 from ptq.formats import FloatFormat, QuantFormat
 from ptq.formats.ct_layout import ct_format_name
 from ptq.formats.ct_layout import ct_weight_args as _ct_weight_args
@@ -19,13 +20,21 @@ from ptq.plan import LayerPlan
 from ptq.scheme import ActivationScheme
 from ptq.serialization import format_to_dict
 
-CT_VERSION_NOTE = "written by ptq"
 PTQ_PACKED = "ptq-packed"
 
 
-def ct_format(fmt: QuantFormat) -> str:
-    """The compressed-tensors format for ``fmt``, or ``ptq-packed`` where it has none."""
-    return ct_format_name(fmt) or PTQ_PACKED
+def producer() -> dict[str, str]:
+    """The ``producer`` record: a mapping, as runtimes read it (vLLM calls ``.get`` on it)."""
+    return {"name": "ptq", "version": __version__}
+
+
+def ct_format(fmt: QuantFormat, quantized_activations: bool = False) -> str:
+    """The compressed-tensors format for ``fmt``, or ``ptq-packed`` where it has none.
+
+    ``quantized_activations``: the layer quantizes its input too (INT8 W8A8 weights are
+    then ``int-quantized``, as llm-compressor writes them).
+    """
+    return ct_format_name(fmt, quantized_activations) or PTQ_PACKED
 
 
 def ct_weight_args(fmt: QuantFormat) -> dict[str, Any]:
@@ -67,7 +76,7 @@ def build_quantization_config(layers: list[LayerPlan], ignore: list[str]) -> dic
     for lp in layers:
         w = ct_weight_args(lp.weight)
         a = ct_activation_args(lp.activation)
-        fmt_name = ct_format(lp.weight)
+        fmt_name = ct_format(lp.weight, lp.activation is not None)
         formats.add(fmt_name)
         key = repr((sorted(w.items()), None if a is None else sorted(a.items()), fmt_name))
         if key not in keyed:
@@ -91,5 +100,5 @@ def build_quantization_config(layers: list[LayerPlan], ignore: list[str]) -> dic
         "global_compression_ratio": None,
         "sparsity_config": {},
         "transform_config": {},
-        "producer": CT_VERSION_NOTE,
+        "producer": producer(),
     }

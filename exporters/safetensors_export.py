@@ -48,7 +48,8 @@ BIAS_GROUPS = {"attention_bias": ".self_attn.", "mlp_bias": ".mlp."}
 def quantized_tensors(module: QuantLinear) -> dict[str, torch.Tensor]:
     """A QuantLinear's tensors in its compressed-tensors layout (local names)."""
     q = module.qweight
-    out = dict(to_compressed_tensors(q) if ct_format_name(q.fmt) else to_ptq_layout(q))
+    w8a8 = module.activation is not None
+    out = dict(to_compressed_tensors(q, w8a8) if ct_format_name(q.fmt) else to_ptq_layout(q))
     if module.bias is not None:
         out["bias"] = module.bias.detach()
     if module.lorc_u is not None and module.lorc_v is not None:

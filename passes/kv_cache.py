@@ -152,3 +152,28 @@ def kv_cache_scales(model: nn.Module) -> dict[str, torch.Tensor]:
             prefix, _, leaf = name.rpartition(".")
             out[f"{prefix}.{leaf[0]}_scale"] = tensor_attr(m, "scale").detach().clone()
     return out
+
+
+def install_kv_cache_scales(
+    model: nn.Module, scales: dict[str, torch.Tensor], dtype: KVDtype
+) -> None:
+    """Re-install KV-cache fake quantization from exported scales (reloading an output).
+
+    Args:
+        model: The model the scales were exported from (same module names).
+        scales: :func:`kv_cache_scales`' mapping, e.g. from the checkpoint.
+        dtype: The cache element (``kv_cache_scheme`` of the config).
+
+    Raises:
+        ValueError: A scale names no attention module of ``model``.
+    """
+    for key, scale in scales.items():
+        attn_name, _, leaf = key.rpartition(".")
+        proj = {"k_scale": "k_proj", "v_scale": "v_proj"}.get(leaf)
+        try:
+            attn = model.get_submodule(attn_name)
+        except AttributeError:
+            attn = None
+        if proj is None or attn is None or not hasattr(attn, proj):
+            raise ValueError(f"KV-cache scale {key} names no attention k/v projection")
+        _install(attn, proj, KVFakeQuant(dtype, scale.float()))

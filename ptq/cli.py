@@ -290,6 +290,14 @@ def main() -> None:
     "Output is bit-identical to one process; rank 0 writes it. Ignored in one process.",
 )
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@click.option(
+    "--target",
+    type=click.Choice(["vllm", "onnx", "ptq"]),
+    default="vllm",
+    show_default=True,
+    help="Runtime the output is for: passes it would not apply are refused, and --budget "
+    "chooses only among formats it serves (ptq: every format).",
+)
 @_budget_options
 @_friendly
 def quantize(
@@ -324,6 +332,7 @@ def quantize(
     allow_pickle: bool,
     parallel: str,
     quiet: bool,
+    target: str,
     budget: str | None,
     budget_latency: str | None,
     kernel_efficiency: str | None,
@@ -381,14 +390,19 @@ def quantize(
     else:
         from ptq.compose import build_passes
         from ptq.passes.allocation.cli import allocation_pass_from_cli
+        from ptq.passes.bit_allocation import DEFAULT_CANDIDATES
+        from ptq.targets import target_candidates
 
-        allocation = allocation_pass_from_cli(
-            budget, budget_latency, candidates, estimator, kernel_efficiency=kernel_efficiency
-        )
         has_scheme = any(scheme_kw[k] for k in ("scheme_flags", "scheme_name", "weight_format"))
         if (budget or budget_latency) and not has_scheme:
             scheme_kw["scheme_name"] = "w4a16"  # the allocation decides the formats
         scheme = build_scheme(**scheme_kw)
+        if budget or budget_latency:
+            explicit = candidates != DEFAULT_CANDIDATES
+            candidates = target_candidates(target, candidates, scheme, explicit)
+        allocation = allocation_pass_from_cli(
+            budget, budget_latency, candidates, estimator, kernel_efficiency=kernel_efficiency
+        )
         try:
             make_weight_pass(method, **knobs)
         except (ValueError, TypeError) as exc:
@@ -407,6 +421,9 @@ def quantize(
         )
     from ptq.calibration.distributed import DistributedContext
     from ptq.models.source import resolve_model
+    from ptq.targets import check_target, serving_summary
+
+    check_target(target, passes)
 
     source = resolve_model(model, quiet=quiet, allow_pickle=allow_pickle)
     result = run(
@@ -436,6 +453,7 @@ def quantize(
             f"perplexity FP {result.fp_ppl:.4f} -> {scheme.name} {result.quant_ppl:.4f} "
             f"(x{result.quant_ppl / result.fp_ppl:.4f})"
         )
+    click.echo(serving_summary(result.plan, passes))
     click.echo(f"done in {result.seconds:.1f} s")
 
 

@@ -200,3 +200,9 @@ def tiny_lm() -> Callable[..., Any]:
         return model
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory() -> Callable[..., Path]:
+    """:func:`make_tiny_model` for tests that need other sizes (e.g. head_dim 32 for vLLM)."""
+    return make_tiny_model

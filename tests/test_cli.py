@@ -156,6 +156,8 @@ def test_quantize_with_lorc_kv_cache_smoothquant(
         "4",
         "--kv-cache",
         "fp8_e4m3",
+        "--target",  # LoRC is refused for vLLM (the default target); ptq applies it
+        "ptq",
         "--calib",
         str(text_file),
         "--calib-samples",

@@ -7,6 +7,9 @@ Layouts (compressed-tensors 0.20, the names vLLM loads; ``N`` rows, ``K`` column
   ``weight_scale`` ``[N, K/g]``/``[N, 1]`` in the scale dtype, ``weight_shape`` int64
   ``[2]``, and for asymmetric ``weight_zero_point`` int32 packed along ``N``.
   Only 2/4/8 bits: 3/5/6/7-bit packing changed between compressed-tensors versions.
+* ``int-quantized`` (symmetric INT8 weights of a layer whose activations are quantized,
+  i.e. W8A8, as llm-compressor writes it and vLLM's INT8 W8A8 kernels read it): ``weight``
+  int8 ``[N, K]`` (the codes), ``weight_scale`` ``[N, 1]`` or ``[N, K/g]``.
 * ``float-quantized`` (FP8 E4M3, tensor/channel/group/block): ``weight`` float8_e4m3fn
   ``[N, K]``, ``weight_scale`` ``[1]``/``[N, 1]``/``[N, K/g]``/``[ceil(N/r), ceil(K/c)]``.
 * ``nvfp4-pack-quantized``: ``weight_packed`` uint8 ``[N, K/2]`` (low nibble = even k),
@@ -34,6 +37,7 @@ from ptq.formats.scales import e8m0_decode, e8m0_encode, scale_storage_dtype
 
 CT_FORMATS = (
     "pack-quantized",
+    "int-quantized",
     "float-quantized",
     "nvfp4-pack-quantized",
     "mxfp4-pack-quantized",
@@ -42,15 +46,24 @@ CT_FORMATS = (
 _PLAIN_SCALES = ("fp32", "fp16", "bf16")
 
 
-def ct_format_name(fmt: QuantFormat) -> str | None:
-    """The compressed-tensors format that stores ``fmt`` exactly, or ``None``."""
+def ct_format_name(fmt: QuantFormat, quantized_activations: bool = False) -> str | None:
+    """The compressed-tensors format that stores ``fmt`` exactly, or ``None``.
+
+    Args:
+        fmt: The weight format.
+        quantized_activations: The layer also quantizes its input (W8A8): symmetric INT8
+            weights then use ``int-quantized`` instead of ``pack-quantized``.
+    """
     g, el = fmt.granularity, fmt.element
     if fmt.channel_scale or fmt.clip not in ("none", "mse"):
         return None
     if isinstance(el, IntFormat):
         ok_gran = isinstance(g, PerGroup) or (isinstance(g, PerChannel) and g.axis in (0, -2))
         if el.signed and el.bits in (2, 4, 8) and ok_gran and not fmt.global_scale:
-            return "pack-quantized" if fmt.scale_format in _PLAIN_SCALES else None
+            if fmt.scale_format not in _PLAIN_SCALES:
+                return None
+            w8a8 = quantized_activations and el.bits == 8 and fmt.symmetric
+            return "int-quantized" if w8a8 else "pack-quantized"
         return None
     if el == FP4_E2M1 and g == PerGroup(16) and fmt.scale_format == "e4m3" and fmt.global_scale:
         return "nvfp4-pack-quantized"
@@ -65,8 +78,8 @@ def ct_format_name(fmt: QuantFormat) -> str | None:
     return None
 
 
-def _require(fmt: QuantFormat) -> str:
-    name = ct_format_name(fmt)
+def _require(fmt: QuantFormat, quantized_activations: bool = False) -> str:
+    name = ct_format_name(fmt, quantized_activations)
     if name is None:
         raise ValueError(
             f"format {fmt.name or fmt.element.name} has no compressed-tensors layout "
@@ -105,10 +118,19 @@ def _plain_scale(q: QTensor) -> torch.Tensor:
     return s.reshape(1) if isinstance(q.fmt.granularity, PerTensor) else s
 
 
-def to_compressed_tensors(q: QTensor) -> dict[str, torch.Tensor]:
-    """The compressed-tensors tensors (``weight_*`` names) that hold ``q`` exactly."""
-    name = _require(q.fmt)
+def to_compressed_tensors(
+    q: QTensor, quantized_activations: bool = False
+) -> dict[str, torch.Tensor]:
+    """The compressed-tensors tensors (``weight_*`` names) that hold ``q`` exactly.
+
+    Args:
+        q: The quantized weight.
+        quantized_activations: The layer quantizes its input too (see :func:`ct_format_name`).
+    """
+    name = _require(q.fmt, quantized_activations)
     n, k = q.shape
+    if name == "int-quantized":
+        return {"weight": q.codes.to(torch.int8), "weight_scale": _plain_scale(q)}
     if name == "pack-quantized":
         bits = q.fmt.element.bits
         out = {
@@ -134,8 +156,14 @@ def to_compressed_tensors(q: QTensor) -> dict[str, torch.Tensor]:
 
 
 def from_compressed_tensors(d: dict[str, torch.Tensor], fmt: QuantFormat) -> QTensor:
-    """Inverse of :func:`to_compressed_tensors` for a tensor of format ``fmt``."""
+    """Inverse of :func:`to_compressed_tensors` for a tensor of format ``fmt``.
+
+    The layout is told apart by its tensors: INT8 ``weight`` codes are ``int-quantized``.
+    """
     name = _require(fmt)
+    if name == "pack-quantized" and "weight" in d and "weight_packed" not in d:
+        scale = d["weight_scale"].float()
+        return QTensor(d["weight"].to(torch.int8), scale.reshape(-1, scale.shape[-1]), fmt)
     if name == "pack-quantized":
         n, k = (int(v) for v in d["weight_shape"].tolist())
         bits = fmt.element.bits

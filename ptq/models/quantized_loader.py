@@ -63,6 +63,7 @@ def load_quantized_model(path: Path, *, trust_remote_code: bool = False) -> tupl
         replace_module(model, lp.name, QuantLinear(q, bias, lp.activation, input_scale, lorc))
     quantized = {lp.name + "." for lp in plan}
     state = {k: index.get(k) for k in index if not k.startswith(tuple(quantized))}
+    _install_kv_cache(model, state, config_data["quantization_config"], path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     real_missing = [
         k
@@ -82,3 +83,26 @@ def load_quantized_model(path: Path, *, trust_remote_code: bool = False) -> tupl
     except Exception:
         tokenizer = None
     return model, tokenizer
+
+
+def _install_kv_cache(
+    model: nn.Module, state: dict[str, torch.Tensor], qconfig: dict[str, Any], path: Path
+) -> None:
+    """Move ``*.k_scale``/``*.v_scale`` out of ``state`` into KV-cache fake quantization."""
+    scales = {k: state.pop(k) for k in list(state) if k.endswith((".k_scale", ".v_scale"))}
+    if not scales:
+        return
+    scheme = qconfig.get("kv_cache_scheme") or {}
+    kinds: dict[tuple[Any, Any], str] = {("float", 8): "fp8_e4m3", ("int", 8): "int8"}
+    dtype = kinds.get((scheme.get("type"), scheme.get("num_bits")))
+    if dtype is None:
+        raise PtqInputError(
+            f"{path}: k_scale/v_scale tensors but kv_cache_scheme {scheme or None} is not "
+            "8-bit float or int"
+        )
+    from ptq.passes.kv_cache import install_kv_cache_scales
+
+    try:
+        install_kv_cache_scales(model, scales, dtype)  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise PtqInputError(f"{path}: {exc}") from None

@@ -77,3 +77,25 @@ def test_reloaded_output_matches_in_memory_model(tiny_llama: Path, tmp_path: Pat
         "ptq_plan.json",
     ):
         assert (out / fname).is_file(), fname
+
+
+@pytest.mark.parametrize(
+    ("scheme", "fmt"),
+    [("w8a8", "int-quantized"), ("w8a16", "pack-quantized"), ("w4a8", "pack-quantized")],
+)
+def test_w8a8_is_int_quantized_and_producer_is_a_mapping(
+    tiny_llama: Path, tmp_path: Path, scheme: str, fmt: str
+) -> None:
+    """vLLM routes INT8 W8A8 to its W8A8 kernels only as int-quantized, and calls
+    ``.get`` on ``producer`` (a string made it fail at start-up)."""
+    out = tmp_path / scheme
+    quantize(tiny_llama, scheme, output=out, progress=False, log=lambda *_: None)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["format"] == fmt
+    assert {g["format"] for g in qc["config_groups"].values()} == {fmt}
+    assert isinstance(qc["producer"], dict) and qc["producer"]["name"] == "ptq"
+    if fmt == "int-quantized":
+        tensors = load_file(str(out / "model.safetensors"))
+        name = "model.layers.0.mlp.down_proj"
+        assert tensors[f"{name}.weight"].dtype == torch.int8
+        assert f"{name}.weight_packed" not in tensors

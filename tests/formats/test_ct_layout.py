@@ -6,7 +6,10 @@ import pytest
 import torch
 from compressed_tensors.compressors.mxfp4.base import MXFP4PackedCompressor
 from compressed_tensors.compressors.mxfp8.base import MXFP8QuantizationCompressor
-from compressed_tensors.compressors.naive_quantized.base import NaiveQuantizationCompressor
+from compressed_tensors.compressors.naive_quantized.base import (
+    IntQuantizationCompressor,
+    NaiveQuantizationCompressor,
+)
 from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor
 from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
 from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
@@ -33,6 +36,7 @@ from ptq.formats.ct_layout import (
 
 COMPRESSORS = {
     "pack-quantized": PackedQuantizationCompressor,
+    "int-quantized": IntQuantizationCompressor,
     "float-quantized": NaiveQuantizationCompressor,
     "nvfp4-pack-quantized": NVFP4PackedCompressor,
     "mxfp4-pack-quantized": MXFP4PackedCompressor,
@@ -140,3 +144,35 @@ def test_formats_without_ct_layout_are_refused(fmt: QuantFormat) -> None:
     assert ct_format_name(fmt) is None
     with pytest.raises(ValueError, match="ptq_layout"):
         to_compressed_tensors(quantize(_weight(), fmt))
+
+
+# W8A8: symmetric INT8 weights of an activation-quantized layer use int-quantized (int8
+# ``weight`` codes + ``weight_scale``), as llm-compressor writes W8A8 and vLLM reads it.
+W8A8_CASES = ["int8_channel", "int8_g128"]
+
+
+@pytest.mark.parametrize("name", W8A8_CASES)
+def test_int8_with_activations_is_int_quantized_bit_exact(name: str) -> None:
+    fmt = (
+        preset(name)
+        if name == "int8_channel"
+        else preset("int8_channel").with_granularity(PerGroup(128))
+    )
+    assert ct_format_name(fmt) == "pack-quantized"
+    assert ct_format_name(fmt, quantized_activations=True) == "int-quantized"
+    q = quantize(_weight(), fmt)
+    tensors = to_compressed_tensors(q, quantized_activations=True)
+    assert set(tensors) == {"weight", "weight_scale"}
+    assert tensors["weight"].dtype == torch.int8 and tensors["weight"].shape == q.shape
+    out = IntQuantizationCompressor.decompress(dict(tensors), _scheme(ct_weight_args(fmt)))
+    theirs = out["weight"]
+    assert torch.equal(_bits(dequantize(q).to(theirs.dtype)), _bits(theirs))
+    back = from_compressed_tensors(tensors, fmt)
+    assert torch.equal(back.codes, q.codes)
+    assert torch.equal(_bits(dequantize(back)), _bits(dequantize(q)))
+
+
+def test_int4_and_asymmetric_int8_stay_packed_with_activations() -> None:
+    assert ct_format_name(preset("int4_g128"), quantized_activations=True) == "pack-quantized"
+    asym = QuantFormat(preset("int8_channel").element, preset("int8_channel").granularity, False)
+    assert ct_format_name(asym, quantized_activations=True) == "pack-quantized"
