@@ -111,7 +111,7 @@ def test_kill_9_then_rerun_is_byte_identical(
     out = tmp_path / "o"
     cmd = [
         sys.executable, "-m", "ptq.cli", "quantize", str(deep_llama), "--w4a8",
-        "--method", "gptq", "--smoothquant", "--lorc", "4",
+        "--method", "gptq", "--smoothquant", "--lorc", "4", "--target", "ptq",
         "--calib-samples", "6", "--calib-seqlen", "32", "--checkpoint-interval", "0",
         "-o", str(out), "-q",
     ]  # fmt: skip

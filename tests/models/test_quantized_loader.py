@@ -18,14 +18,11 @@ def test_kv_cache_outputs_reload_with_their_scales(tiny_llama: Path, tmp_path: P
 
     scheme = get_scheme("w4a16")
     out = tmp_path / "kv"
-    result = run(
-        tiny_llama,
-        scheme,
-        output=out,
-        pipeline=build_passes(scheme, kv_cache="fp8_e4m3"),
-        progress=False,
-        log=lambda *_: None,
-    )
+    quiet = {"progress": False, "log": lambda *_: None}
+    run(tiny_llama, scheme, output=out, pipeline=build_passes(scheme, kv_cache="fp8_e4m3"), **quiet)
+    # the same run kept in memory: the emulation the output must reload to
+    result = run(tiny_llama, scheme, pipeline=build_passes(scheme, kv_cache="fp8_e4m3"), **quiet)
+    assert result.model is not None
     reloaded, _ = load_quantized_model(out)
     assert sum(isinstance(m, KVFakeQuant) for m in reloaded.modules()) == 4
     assert kv_cache_scales(reloaded).keys() == kv_cache_scales(result.model).keys()
