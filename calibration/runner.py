@@ -29,6 +29,7 @@ from safetensors shards (:mod:`ptq.models.weight_source`). Streams kept:
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -45,6 +46,7 @@ from ptq.calibration.checkpoint import Checkpointer
 from ptq.calibration.stages import split_calibration
 from ptq.calibration.streams import Stream
 from ptq.calibration.units import Unit, block_forward, replayed_forward
+from ptq.memory import release_freed
 from ptq.models.weight_source import OVERLAY_FILE, WeightSource
 from ptq.pipeline import Pass, PassContext, QuantState, check_contract
 
@@ -370,14 +372,15 @@ class UnitRunner:
         self.outcome.quantized += self._quantized_in(block, prefix)
         if self.settings.writer is not None:
             self.settings.writer.tensors(block, prefix)
+        del unit, block
         self.source.release_block(i)
+        if self.source.lazy:
+            release_freed()
 
     def _checkpoint(self, next_block: int) -> None:
         ckpt = self.settings.checkpoint
         assert ckpt is not None
-        streams: dict[str, torch.Tensor] = {}
-        for s in self.streams.values():
-            streams.update(s.hiddens())
+        streams = itertools.chain.from_iterable(s.hiddens() for s in self.streams.values())
         writer = self.settings.writer
         ckpt.save(
             {

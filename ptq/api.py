@@ -109,6 +109,7 @@ def quantize(
     trust_remote_code: bool = False,
     restart: bool = False,
     device: str = "auto",
+    dtype: str = "auto",
     offload_dir: str | Path | None = None,
     checkpoint_interval_s: float = 60.0,
     log: Any = print,
@@ -132,6 +133,9 @@ def quantize(
         restart: Discard an interrupted run of a different command (``.OUT.work``).
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``: where the
             current block and its activations live.
+        dtype: What blocks are loaded and run in: ``auto`` (float32 on the CPU, the
+            checkpoint's own dtype on CUDA), ``float32``, ``bfloat16``, ``float16``
+            (streamed runs; Hessians and rounding maths stay float32).
         offload_dir: Keep the calibration activations in files here instead of memory.
         checkpoint_interval_s: Least seconds between resume checkpoints (0: every block).
         log: Where human-readable messages go.
@@ -157,6 +161,7 @@ def quantize(
         trust_remote_code=trust_remote_code,
         restart=restart,
         device=device,
+        dtype=dtype,
         offload_dir=None if offload_dir is None else Path(offload_dir),
         checkpoint_interval_s=checkpoint_interval_s,
     )
@@ -206,13 +211,14 @@ def _quantize(
     trust_remote_code: bool,
     restart: bool,
     device: str,
+    dtype: str,
     offload_dir: Path | None,
     checkpoint_interval_s: float,
     log: Any,
     dctx: DistributedContext | None,
 ) -> QuantizeResult:
     """:func:`quantize` in this process; ``dctx`` set: one rank of a job (rank 0 writes)."""
-    from ptq.devices import resolve_device
+    from ptq.devices import resolve_device, resolve_dtype
 
     main = dctx is None or dctx.is_main
     start = time.perf_counter()
@@ -238,10 +244,13 @@ def _quantize(
     from ptq.calibration.runner import RunSettings, run_passes
     from ptq.exporters.safetensors_export import CompressedTensorsOutput
     from ptq.exporters.shard_writer import ShardWriter
+    from ptq.memory import return_freed_memory_to_os
     from ptq.models.weight_source import LazySource
 
+    return_freed_memory_to_os()
     skeleton = build_skeleton(source, trust_remote_code=trust_remote_code)
     lazy = LazySource(source.path, skeleton, dev)
+    lazy.dtype = resolve_dtype(dtype, dev, lazy.stored_dtype())
     plan = _plan_lazily(lazy, scheme, log)
     tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
     ctx = PassContext(seed=seed, progress=progress, distributed=dctx, device=dev)
@@ -254,6 +263,8 @@ def _quantize(
         "plan": plan.to_dict(),
         "pipeline": repr(pipe),
         "seed": seed,
+        "device": str(dev),
+        "dtype": str(lazy.dtype),
         "calibration": tensor_digest(ctx.calibration)
         if isinstance(ctx.calibration, torch.Tensor)
         else None,
@@ -271,12 +282,18 @@ def _quantize(
         if main
         else None
     )
+    offload = _offload_folder(offload_dir, dev, work, dctx)
     outcome = run_passes(
         lazy,
         QuantState(model=skeleton, plan=plan, tokenizer=tokenizer),
         pipe.passes,
         ctx,
-        RunSettings(eval_windows=windows, offload=offload_dir, checkpoint=ckpt, writer=writer),
+        RunSettings(
+            eval_windows=windows,
+            offload=offload,
+            checkpoint=ckpt,
+            writer=writer,
+        ),
         transformed=functools.partial(_transformed_folder, work, skeleton, dev),
     )
     result = QuantizeResult(model=None, plan=plan, output=out, records=ctx.records)
@@ -289,6 +306,8 @@ def _quantize(
             writer.finish(tmp, outcome.quantized, ctx.records)
         shutil.rmtree(work, ignore_errors=True)
         log(f"wrote {out}")
+    if offload is not None:
+        shutil.rmtree(offload, ignore_errors=True)
     result.seconds = time.perf_counter() - start
     return result
 
@@ -301,6 +320,20 @@ def _plan(model: nn.Module, scheme: Scheme, log: Any) -> QuantPlan:
     for note in plan.notes:
         log(f"note: {note}")
     return plan
+
+
+def _offload_folder(
+    given: Path | None, device: torch.device, work: Path, dctx: DistributedContext | None
+) -> Path | None:
+    """Where the activation streams go: ``--offload-dir`` when given; on the CPU, the work
+    folder (page-cached files cost a copy per batch and keep them out of the process's
+    memory); on CUDA, nowhere (they stay on the device)."""
+    rank = "" if dctx is None else f"rank{dctx.rank}-"
+    if given is not None:
+        return given / f"{rank}{work.name.lstrip('.')}"
+    if device.type == "cpu":
+        return work / f"{rank}streams"
+    return None
 
 
 def _transformed_folder(
