@@ -30,12 +30,13 @@ from safetensors shards (:mod:`ptq.models.weight_source`). Streams kept:
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -123,6 +124,46 @@ class RunSettings:
     eval_q: bool = True
 
 
+class TransformedStore(Protocol):
+    """Where a run split in two sweeps keeps the transformed FP weights."""
+
+    def writer(self, passes: Sequence[Pass]) -> Writer:
+        """A fresh writer for the first sweep (what was there before is dropped)."""
+        ...
+
+    def open(self) -> WeightSource:
+        """The written weights, as the second sweep's source."""
+        ...
+
+
+def _first_sweep(
+    source: WeightSource,
+    state: QuantState,
+    before: list[Pass],
+    ctx: PassContext,
+    settings: RunSettings,
+    store: TransformedStore | None,
+) -> tuple[WeightSource, RunOutcome]:
+    """Run the passes before a deciding pass; returns the source the rest reads."""
+    ckpt = settings.checkpoint
+    marker = None if ckpt is None or store is None else ckpt.work / "transformed.json"
+    if marker is not None and store is not None and marker.is_file():
+        done = json.loads(marker.read_text())
+        if done.get("fingerprint") == (ckpt.key if ckpt else None):
+            ctx.records.update(done["records"])
+            return store.open(), RunOutcome(fp_nll=done["fp_nll"])
+    writer = None if store is None else store.writer(before)
+    sweep = replace(settings, checkpoint=None, writer=writer, eval_q=False)
+    first = UnitRunner(source, state, before, ctx, sweep).run()
+    if writer is None or store is None:
+        return source, first
+    writer.close()
+    if marker is not None and ckpt is not None and ckpt.enabled:
+        record = {"fingerprint": ckpt.key, "records": ctx.records, "fp_nll": first.fp_nll}
+        marker.write_text(json.dumps(record, default=str))
+    return store.open(), first
+
+
 def run_passes(
     source: WeightSource,
     state: QuantState,
@@ -130,8 +171,7 @@ def run_passes(
     ctx: PassContext,
     settings: RunSettings | None = None,
     *,
-    transformed: Callable[[Sequence[Pass]], tuple[Writer, Callable[[], WeightSource]]]
-    | None = None,
+    transformed: TransformedStore | None = None,
 ) -> RunOutcome:
     """Run ``passes`` over the model of ``source``: the pipeline's single entry point.
 
@@ -140,9 +180,10 @@ def run_passes(
     ``Pass.decide``) splits the run: the passes before it run in a first sweep (the
     FP transforms, e.g. rotation, SmoothQuant), it decides from the transformed model
     (reading blocks one at a time), and the passes after it run in a second sweep.
-    ``transformed(passes)`` gives the first sweep's writer and how to open, once it is
-    closed, the source the second sweep reads (a folder of the transformed FP weights);
-    None: the model is changed in place (an in-memory source).
+    ``transformed`` keeps the first sweep's output (a folder of the transformed FP
+    weights) that the second sweep reads; None: the model is changed in place (an
+    in-memory source). With a checkpoint, a finished first sweep is marked in the work
+    folder (with its records) and a resumed run goes straight to the decision.
     """
     settings = settings or RunSettings()
     check_contract(passes, ctx.facts, ctx.history)
@@ -155,12 +196,7 @@ def run_passes(
         before, step, after = list(passes[:k]), passes[k], list(passes[k + 1 :])
         first = RunOutcome()
         if before:
-            writer, reopen = (None, None) if transformed is None else transformed(before)
-            sweep = replace(settings, checkpoint=None, writer=writer, eval_q=False)
-            first = UnitRunner(source, state, before, ctx, sweep).run()
-            if writer is not None and reopen is not None:
-                writer.close()
-                source = reopen()
+            source, first = _first_sweep(source, state, before, ctx, settings, transformed)
         step.decide(source, state, ctx)
         outcome = UnitRunner(
             source, state, after, ctx, replace(settings, eval_fp=settings.eval_fp and not before)
