@@ -114,6 +114,8 @@ class RunSettings:
         writer: Receives finished tensors (None: nothing written).
         eval_fp, eval_q: Which perplexities this sweep measures (a run split in two
             sweeps measures the FP model in the first and the quantized in the last).
+        work: The run's own folder (outer weights changed before the blocks are kept
+            there while released: the rotated embedding of a lazily read model).
     """
 
     eval_windows: torch.Tensor | None = None
@@ -122,6 +124,7 @@ class RunSettings:
     writer: Writer | None = None
     eval_fp: bool = True
     eval_q: bool = True
+    work: Path | None = None
 
 
 class TransformedStore(Protocol):
@@ -344,7 +347,7 @@ class UnitRunner:
                     self.streams["fp"] = Stream.create("fp", fp_inputs, self._offload())
             if self._eval("eval_q"):
                 self.streams["eval_q"] = self._capture("eval_q", windows)
-        if self.has_prologue and self.source.lazy and self.settings.checkpoint is not None:
+        if self.has_prologue and self.source.lazy:
             self._save_overlay()
         self.source.release_outer()
 
@@ -360,8 +363,14 @@ class UnitRunner:
     def _save_overlay(self) -> None:
         from safetensors.torch import save_file
 
-        assert self.settings.checkpoint is not None
-        work = self.settings.checkpoint.work
+        work = self.settings.work
+        if work is None:
+            raise ValueError(
+                "a pass changed outer weights before the blocks of a lazily read model, "
+                "which needs a work folder to keep them (RunSettings.work)"
+            )
+        rank = self.ctx.distributed.rank if self.ctx.distributed is not None else 0
+        work = work / f"overlay-rank{rank}"
         work.mkdir(parents=True, exist_ok=True)
         current = {n: self.source.current(n) for n in self.source.outer_names()}
         tensors = {n: t for n, t in current.items() if t.device.type != "meta"}

@@ -293,6 +293,7 @@ def _quantize(
             offload=offload,
             checkpoint=ckpt,
             writer=writer,
+            work=work,
         ),
         transformed=_TransformedFolder(work, skeleton, dev, lazy.dtype),
     )

@@ -254,3 +254,31 @@ def test_allocation_after_smoothquant_streams_and_resumes(
         return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()}
 
     assert digests(out) == digests(ref)
+
+
+def test_rotation_before_allocation_keeps_the_rotated_embedding(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    """Rotation then a budget, streamed: the transformed weights of the first sweep hold
+    the rotated embedding (kept while released), so the output equals the in-memory run."""
+    from ptq.passes.rotation import RotationPass
+
+    def passes() -> list:  # type: ignore[type-arg]
+        cfg = BitAllocationConfig(
+            budget="5bits", candidates=CANDS, estimator="hessian", samples=4, seqlen=32,
+            cache_dir=tmp_path / "cache",
+        )  # fmt: skip
+        return [RotationPass(), BitAllocationPass(cfg), RTNPass()]
+
+    kw = {"calibration": api.CalibrationConfig(samples=4, seqlen=32), "progress": False}
+    out = tmp_path / "o"
+    api.quantize(str(tiny_llama), "w4a16", output=out, pipeline=passes(), log=lambda *_: None, **kw)  # type: ignore[arg-type]
+    mem = api.quantize(str(tiny_llama), "w4a16", pipeline=passes(), log=lambda *_: None, **kw)  # type: ignore[arg-type]
+    loaded, _ = load_quantized_model(out)
+    assert mem.model is not None
+    for name, t in mem.model.state_dict().items():
+        if name.endswith(("embed_tokens.weight", "lm_head.weight", "norm.weight")):
+            assert torch.equal(t, loaded.state_dict()[name]), name
+    ids = torch.randint(0, 300, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(mem.model(input_ids=ids).logits, loaded(input_ids=ids).logits)
