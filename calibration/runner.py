@@ -315,7 +315,7 @@ class UnitRunner:
         )
         for i in bar:
             self._block(i, batches)
-            if ckpt is not None and (ckpt.due() or i + 1 == len(blocks)):
+            if ckpt is not None and ckpt.enabled and (ckpt.due() or i + 1 == len(blocks)):
                 self._checkpoint(i + 1)
             if self.ctx.status:
                 bar.set_postfix_str(self.ctx.status)
