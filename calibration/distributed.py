@@ -193,7 +193,7 @@ def chain_reduce(h: OrderedHessian, ctx: DistributedContext, owner: int) -> bool
         True on ``owner`` (whose ``h`` now holds the whole Hessian), False elsewhere.
     """
     k, dev = h.in_features, ctx.device
-    total = torch.zeros(k, k, dtype=torch.float64, device=dev)
+    total = torch.zeros(k, k, dtype=torch.float32, device=dev)
     count = torch.zeros(1, dtype=torch.int64, device=dev)
     last = ctx.world - 1
     with ctx.collective("the Hessian reduction"):

@@ -58,7 +58,9 @@ class GPTQConfig:
         scale_mode: ``static`` (scales from the original ``W``) or ``dynamic``.
         max_damp_retries: On Cholesky failure multiply the damping by 10 and retry this
             many times before raising :class:`HessianError`.
-        linalg_dtype: dtype of the Cholesky factorisations (the sweep runs in fp32).
+        linalg_dtype: dtype of the Cholesky factorisations (the sweep runs in fp32);
+            float32 as in the paper's implementation (float64 doubles the memory of
+            the two ``K x K`` matrices the factorisation holds).
     """
 
     block_size: int = 128
@@ -66,7 +68,7 @@ class GPTQConfig:
     act_order: bool = False
     scale_mode: ScaleMode = "dynamic"
     max_damp_retries: int = 4
-    linalg_dtype: torch.dtype = torch.float64
+    linalg_dtype: torch.dtype = torch.float32
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -110,6 +112,10 @@ def inverse_hessian_cholesky(
     """Upper Cholesky ``U`` of ``Hinv = (H + lambda I)^-1`` (``Hinv = U^T U``).
 
     ``lambda`` starts at ``percdamp * mean(diag H)`` and grows tenfold on each failure.
+    ``H`` is not modified. One work matrix beside ``H`` holds ``H + lambda I``, then its
+    Cholesky factor ``L``, then ``Hinv``, then ``U`` (the factorisations write in place),
+    so the peak is two ``K x K`` matrices: for a ``K = 14336`` down projection in float32
+    that is 1.6 GB instead of the 4 a copy per step would take.
 
     Returns:
         ``(U, lambda, retries)``.
@@ -120,15 +126,18 @@ def inverse_hessian_cholesky(
     base = float(torch.diag(H).mean())
     if not base > 0:
         raise HessianError(f"layer {layer_name!r}: Hessian diagonal has mean {base}; need > 0")
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    info = torch.empty((), dtype=torch.int32, device=H.device)
     for retry in range(max_retries + 1):
         damp = percdamp * base * 10.0**retry
-        L, info = torch.linalg.cholesky_ex(H + damp * eye)
+        work = H.clone()
+        work.diagonal().add_(damp)
+        torch.linalg.cholesky_ex(work, out=(work, info))  # work = L
         if int(info) == 0:
-            Hinv = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            if int(info) == 0 and bool(torch.isfinite(U).all()):
-                return U, damp, retry
+            torch.cholesky_inverse(work, out=work)  # work = Hinv
+            torch.linalg.cholesky_ex(work, upper=True, out=(work, info))  # work = U
+            if int(info) == 0 and bool(torch.isfinite(work).all()):
+                return work, damp, retry
+        del work
     raise HessianError(
         f"layer {layer_name!r}: Hessian is not positive definite even with damping "
         f"{damp:.3g} after {max_retries} retries; collect more calibration samples or "
@@ -189,18 +198,22 @@ def gptq_quantize(
             f"g_idx; use scale_mode='static' (static groups) or drop act_order"
         )
     Wq = W.detach().float().clone()
-    Hd = H.detach().to(cfg.linalg_dtype).clone()
+    Hd = H.detach().to(cfg.linalg_dtype)  # a copy only where needed: H is K x K
     dead = torch.diag(Hd) == 0
-    Hd[dead, dead] = 1.0
+    if bool(dead.any()):
+        if Hd.data_ptr() == H.data_ptr():
+            Hd = Hd.clone()  # H belongs to the caller
+        Hd[dead, dead] = 1.0
     Wq[:, dead] = 0.0
     gs = global_scale if global_scale is not None else tensor_global_scale(Wq, fmt)
 
     perm = torch.arange(K, device=W.device)
     if cfg.act_order:
         perm = torch.argsort(torch.diag(Hd), descending=True, stable=True)
-    U, damp, retries = inverse_hessian_cholesky(
-        Hd[perm][:, perm], cfg.percdamp, cfg.max_damp_retries, layer_name
-    )
+        Hd = Hd[perm[:, None], perm[None, :]]  # one gather, one new matrix
+    U, damp, retries = inverse_hessian_cholesky(Hd, cfg.percdamp, cfg.max_damp_retries, layer_name)
+    del Hd
+    U = U.float()
     if cfg.scale_mode == "static":
         scales = block_scales(Wq, fmt, global_scale=gs)
     else:
@@ -208,7 +221,8 @@ def gptq_quantize(
         stored = torch.ones(n_row_blocks, _column_groups(K, block[1]), device=W.device)
         zp = None if fmt.symmetric else torch.zeros_like(stored)
         scales = BlockScales(stored, block, zp, gs)
-    codes = _sweep(Wq[:, perm], U.float(), scales, fmt, perm, cfg)
+    codes = _sweep(Wq, U, scales, fmt, perm, cfg)
+    del U
     scale_full, zp_full = scales.expand((N, K))
     deq = dequantize_with_scale(codes, scale_full, zp_full)
     D = W.detach().float() - deq  # the error metric is a report: float32 is enough
@@ -227,9 +241,10 @@ def _sweep(
     perm: torch.Tensor,
     cfg: GPTQConfig,
 ) -> torch.Tensor:
-    """Algorithm 1 on permuted columns; returns grid values ``q`` in the original order.
+    """Algorithm 1 on the columns of ``W`` taken in the order ``perm``; returns grid values
+    ``q`` in the original order.
 
-    ``W`` is left as it is (the sweep works on a column-major copy). In dynamic mode
+    ``W`` is left as it is (the sweep works on a column-major, permuted copy). In dynamic mode
     ``scales`` (in original column order, with identity ``perm`` or a single column
     group) is filled as groups start.
     """
@@ -238,14 +253,19 @@ def _sweep(
     dynamic = cfg.scale_mode == "dynamic"
     # Column-major work: row j of Wt is column j of W, so the per-column steps below
     # read and write contiguous memory (several times faster than strided columns).
-    Wt = W.T.contiguous()
+    Wt = W.T[perm].contiguous()
+    # Scales per column group, one row of N per group ([G, N], not an [K, N] expansion):
+    # permuted column j reads group perm[j] // c.
+    groups = _column_groups(K, c)
+    group_of = (perm // c).tolist()
     if dynamic:
-        St = torch.ones_like(Wt)
-        Zt = None if scales.zero_point is None else torch.zeros_like(Wt)
+        St = torch.ones(groups, N, device=W.device)
+        Zt = None if scales.zero_point is None else torch.zeros(groups, N, device=W.device)
     else:
-        S_full, Z_full = scales.expand((N, K))
-        St = S_full[:, perm].T.contiguous()
-        Zt = None if Z_full is None else Z_full[:, perm].T.contiguous()
+        St = expand_blocks(scales.effective(), (r, 1), (N, groups)).T.contiguous()
+        Zt = None
+        if scales.zero_point is not None:
+            Zt = expand_blocks(scales.zero_point, (r, 1), (N, groups)).T.contiguous()
     codes_t = torch.zeros_like(Wt)
     for i1 in range(0, K, cfg.block_size):
         i2 = min(i1 + cfg.block_size, K)
@@ -259,15 +279,16 @@ def _sweep(
                 current = _current_columns(Wt, W1, Err1, U, i1, i, i2, end)
                 g = block_scales(current, fmt, block=(r, c), global_scale=scales.global_scale)
                 scales.stored[:, j // c] = g.stored[:, 0]
-                St[j:end] = expand_blocks(g.effective(), (r, 1), (N, 1)).T
+                St[j // c] = expand_blocks(g.effective(), (r, 1), (N, 1))[:, 0]
                 if Zt is not None and scales.zero_point is not None and g.zero_point is not None:
                     scales.zero_point[:, j // c] = g.zero_point[:, 0]
-                    Zt[j:end] = expand_blocks(g.zero_point, (r, 1), (N, 1)).T
+                    Zt[j // c] = expand_blocks(g.zero_point, (r, 1), (N, 1))[:, 0]
             w = W1[i]
-            z = None if Zt is None else Zt[j]
-            q = round_with_scale(w, St[j], fmt.element, z)
+            s_j = St[group_of[j]]
+            z = None if Zt is None else Zt[group_of[j]]
+            q = round_with_scale(w, s_j, fmt.element, z)
             codes_t[j] = q
-            err = (w - dequantize_with_scale(q, St[j], z)) / U1[i, i]
+            err = (w - dequantize_with_scale(q, s_j, z)) / U1[i, i]
             W1[i:] -= U1[i, i:][:, None] * err[None, :]
             Err1[i] = err
         Wt[i2:] -= U[i1:i2, i2:].T @ Err1

@@ -192,7 +192,7 @@ def test_cholesky_failure_retries_with_more_damping() -> None:
     result = gptq_quantize(w, h, FORMATS["int4_channel"], layer_name="l")
     assert result.stats.retries >= 1
     assert result.stats.damp > 0.05 * float(h.diag().mean())
-    _, damp, retries = inverse_hessian_cholesky(h.double(), 0.01, 4, "l")
+    _, damp, retries = inverse_hessian_cholesky(h.float(), 0.01, 4, "l")
     assert (retries, damp) == (result.stats.retries, result.stats.damp)
 
 
