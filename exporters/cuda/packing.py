@@ -14,7 +14,16 @@ from dataclasses import dataclass
 import torch
 
 from ptq.exporters.cuda.reference import BITSTREAM_ELEMENTS
-from ptq.formats import FP4_E2M1, FP8_E4M3, INT4, INT8, PerChannel, PerGroup, QTensor
+from ptq.formats import (
+    FP4_E2M1,
+    FP8_E4M3,
+    INT4,
+    INT8,
+    PerChannel,
+    PerGroup,
+    QTensor,
+    QuantFormat,
+)
 from ptq.formats.ptq_layout import to_ptq_layout
 
 WEIGHT_FORMATS = ("int4", "nvfp4", "mxfp4", "int8", "fp8", *BITSTREAM_ELEMENTS)
@@ -77,16 +86,16 @@ def pack_fp4_codes(codes: torch.Tensor) -> torch.Tensor:
     return c[:, 0::2] | (c[:, 1::2] << 4)
 
 
-def bitstream_name(q: QTensor) -> str | None:
-    """The bit-stream kernel format serving ``q``, or None.
+def bitstream_name(fmt: QuantFormat) -> str | None:
+    """The bit-stream kernel format serving weights of ``fmt``, or None.
 
     INT3/5/6 (symmetric or asymmetric) or FP6 E2M3/E3M2 with power-of-two groups >= 32 of
     fp32/fp16/bf16 or E8M0 (also ``pow2``, stored as E8M0) scales and no second level.
     """
-    fmt, gran = q.fmt, q.fmt.granularity
+    gran = fmt.granularity
     name = next((n for n, el in BITSTREAM_ELEMENTS.items() if el == fmt.element), None)
     grouped = isinstance(gran, PerGroup) and gran.size >= 32 and gran.size & (gran.size - 1) == 0
-    single_level = q.global_scale is None and q.channel_scale is None
+    single_level = not fmt.global_scale and not fmt.channel_scale
     if name is None or not grouped or not single_level:
         return None
     return name if fmt.scale_format in BITSTREAM_SCALES else None
@@ -98,7 +107,7 @@ def pack_bitstream(q: QTensor) -> PackedWeight:
     Raises:
         ValueError: ``q`` is not a bit-stream kernel format (:func:`bitstream_name`).
     """
-    name = bitstream_name(q)
+    name = bitstream_name(q.fmt)
     if name is None:
         raise ValueError(f"{q.fmt.element.name} {q.fmt.granularity.name} has no bit-stream kernel")
     d = to_ptq_layout(q)
@@ -123,7 +132,7 @@ def pack_qtensor(q: QTensor, scale_dtype: torch.dtype = torch.float16) -> Packed
     """
     fmt, gran = q.fmt, q.fmt.granularity
     rows, cols = q.shape
-    if bitstream_name(q) is not None:
+    if bitstream_name(fmt) is not None:
         return pack_bitstream(q)
     if fmt.element == INT4 and isinstance(gran, PerGroup):
         zp = None if q.zero_point is None else pack_zero_points(q.zero_point.long() + 8)
