@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: build the ptq CUDA kernels, run the `gpu` tests, then
-# benchmarks/gpu_kernels.py (correctness of every kernel path + speed vs torch.matmul).
+# benchmarks/gpu_kernels.py (correctness of every kernel path + speed vs torch.matmul; the
+# bit-stream INT3/5/6 and FP6 GEMVs against the reference and their GB/s vs the INT4 GEMV).
 #
 # Usage (repository root, a CUDA torch and nvcc on the machine):
 #   bash benchmarks/gpu_check.sh [LOG_DIR]        # SKIP_BENCH=1 to stop after the tests

@@ -5,12 +5,14 @@ Run: ``python benchmarks/gpu_kernels.py`` (about 3-5 minutes on one H100/H200; p
 
 1. builds the extension (timed);
 2. checks every kernel path (GEMV M<=8, GEMM M>8 with and without split-K; formats INT4
-   sym/asym, NVFP4, MXFP4, INT8, FP8; fp16/bf16 activations; W4A8 and FP8 W8A8) against
-   the pure-torch reference run on the same GPU, each check isolated so one failure does
-   not stop the rest;
+   sym/asym, NVFP4, MXFP4, INT8, FP8; fp16/bf16 activations; W4A8 and FP8 W8A8; the
+   bit-stream GEMV for INT3/5/6 sym/asym and MXFP6 E2M3/E3M2) against the pure-torch
+   reference run on the same GPU, each check isolated so one failure does not stop the rest;
 3. times Llama-7B-like shapes with CUDA graphs (weights rotated through > 256 MB so L2
    does not serve them): batch-1 achieved bandwidth and batch 16/64/256 TFLOP/s, next to
-   torch.matmul in fp16 and bf16 in the same run, with ratios; then prints a final table.
+   torch.matmul in fp16 and bf16 in the same run, with ratios; the bit-stream GEMVs at
+   batch 1 and 8 next to the INT4 GEMV (achieved GB/s and the ratio to INT4's GB/s);
+   then prints a final table.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import torch
 SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))  # weight [N, K]
 PEAK_BW = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12}  # bytes/s (HBM, vendor figures)
 ROTATE_BYTES = 256 * 2**20
+BITSTREAM = ("int3", "int3_asym", "int5", "int5_asym", "int6", "int6_asym", "fp6_e2m3", "fp6_e3m2")
+BITS = {"int3": 3, "int5": 5, "int6": 6, "fp6_e2m3": 6, "fp6_e3m2": 6}
 
 
 def _ops() -> Any:
@@ -40,8 +44,13 @@ def make_weight(fmt: str, n: int, k: int, dev: torch.device, real: bool) -> Any:
     from ptq.exporters.cuda.packing import PackedWeight, pack_qtensor
     from ptq.formats import (
         FP4_E2M1,
+        FP6_E2M3,
+        FP6_E3M2,
         FP8_E4M3,
+        INT3,
         INT4,
+        INT5,
+        INT6,
         INT8,
         PerChannel,
         PerGroup,
@@ -56,7 +65,12 @@ def make_weight(fmt: str, n: int, k: int, dev: torch.device, real: bool) -> Any:
         "mxfp4": QuantFormat(FP4_E2M1, PerGroup(32), scale_format="e8m0", scale_rule="mx"),
         "int8": QuantFormat(INT8, PerChannel()),
         "fp8": QuantFormat(FP8_E4M3, PerChannel()),
+        "fp6_e2m3": QuantFormat(FP6_E2M3, PerGroup(32), scale_format="e8m0", scale_rule="mx"),
+        "fp6_e3m2": QuantFormat(FP6_E3M2, PerGroup(32), scale_format="e8m0", scale_rule="mx"),
     }
+    for name, el in (("int3", INT3), ("int5", INT5), ("int6", INT6)):
+        fmts[name] = QuantFormat(el, PerGroup(128), scale_format="fp16")
+        fmts[f"{name}_asym"] = QuantFormat(el, PerGroup(128), symmetric=False, scale_format="fp16")
     if real:
         w = torch.randn(n, k, device=dev) * 0.02
         return pack_qtensor(quantize(w, fmts[fmt]), scale_dtype=torch.float16)
@@ -77,6 +91,14 @@ def make_weight(fmt: str, n: int, k: int, dev: torch.device, real: bool) -> Any:
     if fmt == "fp8":
         w8 = rnd(n, k, lo=0, hi=0x7E).view(torch.float8_e4m3fn)
         return PackedWeight("fp8", w8, torch.rand(n, 1, device=dev) * 0.01, k)
+    if fmt in BITSTREAM:
+        name = fmt.removesuffix("_asym")
+        packed = rnd(n, k * BITS[name] // 8, hi=256)
+        if name.startswith("fp6"):
+            return PackedWeight(name, packed, rnd(n, k // 32, lo=118, hi=124), 32)
+        scale = torch.rand(n, k // 128, device=dev).half() * 0.01
+        zp = rnd(n, k // 128, lo=-3, hi=3, dt=torch.int8) if fmt.endswith("_asym") else None
+        return PackedWeight(name, packed, scale, 128, weight_zero_point=zp)
     raise ValueError(fmt)
 
 
@@ -108,6 +130,10 @@ def call(
         return ops.qlinear_nvfp4(x, p.weight, p.weight_scale, p.weight_global_scale, None)
     if p.format == "mxfp4":
         return ops.qlinear_mxfp4(x, p.weight, p.weight_scale, None)
+    if p.format in BITS:
+        return ops.qlinear_bitstream(
+            x, p.weight, p.weight_scale, p.weight_zero_point, p.format, p.group_size, None
+        )
     return ops.qlinear_per_channel(x, p.weight, p.weight_scale, None)
 
 
@@ -122,6 +148,11 @@ def reference(
         w = ref.dequantize_nvfp4(p.weight, p.weight_scale, p.weight_global_scale)
     elif p.format == "mxfp4":
         w = ref.dequantize_mxfp4(p.weight, p.weight_scale)
+    elif p.format in BITS:
+        k = x.shape[-1]
+        w = ref.dequantize_bitstream(
+            p.weight, p.weight_scale, p.weight_zero_point, p.format, p.group_size, k
+        )
     else:
         w = ref.dequantize_per_channel(p.weight, p.weight_scale)
     xf = ref.decode_fp8_activations(x, x_scale) if act == "fp8" else x.float()
@@ -191,6 +222,9 @@ def check_all(dev: torch.device) -> list[tuple[str, str, str]]:
     for fmt in ("int4", "int4_asym", "nvfp4", "mxfp4", "fp8"):
         for dt in (torch.float16, torch.bfloat16):
             cases.append((fmt, "fp8", dt))
+    for fmt in BITSTREAM:  # GEMV only; M = 16 checks the reference fallback
+        for dt in (torch.float16, torch.bfloat16):
+            cases.append((fmt, "w", dt))
     for fmt, act, dt in cases:
         for n, k in ((300, 512), (1024, 2048)):
             try:
@@ -199,8 +233,9 @@ def check_all(dev: torch.device) -> list[tuple[str, str, str]]:
             except Exception as exc:
                 rows.append((f"{fmt} {act} {n}x{k}", "ERROR", f"quantize: {exc}"))
                 continue
-            for m in (1, 5, 16, 48, 256):
-                for split in (None,) if m <= 8 else (None, 1):
+            batches = (1, 5, 8, 16) if fmt in BITSTREAM else (1, 5, 16, 48, 256)
+            for m in batches:
+                for split in (None,) if m <= 8 or fmt in BITSTREAM else (None, 1):
                     rows.append(check_one(p, fmt, act, dt, m, split))
     return rows
 
@@ -316,6 +351,31 @@ def bench(dev: torch.device, peak_bw: float) -> list[str]:
     return lines
 
 
+def bench_bitstream(dev: torch.device, peak_bw: float) -> list[str]:
+    """Bit-stream GEMVs (batch 1 and 8, fp16) next to the INT4 GEMV: GB/s and ratio."""
+    lines: list[str] = []
+    for n, k in SHAPES:
+        for m in (1, 8):
+            x = torch.randn(m, k, device=dev, dtype=torch.float16)
+            try:
+                t4, moved4 = time_ptq("int4", "w", x, n)
+            except Exception as exc:
+                lines.append(f"N={n} K={k} M={m} ptq int4: ERROR {str(exc)[:160]}")
+                continue
+            lines.append(_row("ptq int4", n, k, m, x.dtype, t4, moved4, peak_bw))
+            print(lines[-1], flush=True)
+            for fmt in BITSTREAM:
+                try:
+                    t, moved = time_ptq(fmt, "w", x, n)
+                    row = _row(f"ptq {fmt}", n, k, m, x.dtype, t, moved, peak_bw)
+                    lines.append(f"{row}  GB/s vs int4 {(moved / t) / (moved4 / t4):5.2f}x")
+                except Exception as exc:
+                    lines.append(f"N={n} K={k} M={m} ptq {fmt}: ERROR {str(exc)[:160]}")
+                print(lines[-1], flush=True)
+            torch.cuda.empty_cache()
+    return lines
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("no CUDA device: skipping the ptq CUDA kernel check (nothing to run)")
@@ -341,10 +401,12 @@ def main() -> int:
     rows = check_all(dev)
     for r in rows:
         print(f"{r[1]:5s} {r[0]}  {r[2]}", flush=True)
-    try:
-        perf = bench(dev, peak)
-    except Exception:
-        perf = ["benchmark crashed:\n" + traceback.format_exc()]
+    perf: list[str] = []
+    for run in (bench_bitstream, bench):  # the new kernels first: the bench may time out
+        try:
+            perf += run(dev, peak)
+        except Exception:
+            perf += [f"{run.__name__} crashed:\n" + traceback.format_exc()]
     print("\n==== final table: correctness ====")
     bad = [r for r in rows if r[1] != "PASS"]
     print(f"{len(rows) - len(bad)}/{len(rows)} checks passed")

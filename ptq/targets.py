@@ -122,6 +122,7 @@ def onnx_layer_problem(fmt: QuantFormat, act: ActivationScheme | None) -> str | 
 
 def kernel_layer_ok(lp: LayerPlan) -> bool:
     """Whether ptq's CUDA kernels (:mod:`ptq.exporters.cuda`) run a layer."""
+    from ptq.exporters.cuda.packing import bitstream_name
     from ptq.formats import FP4_E2M1, FP8_E4M3, INT4, INT8, PerChannel, PerGroup
 
     fmt, act, g = lp.weight, lp.activation, lp.weight.granularity
@@ -133,7 +134,7 @@ def kernel_layer_ok(lp: LayerPlan) -> bool:
     )
     channel = isinstance(g, PerChannel) and fmt.symmetric and el in (INT8, FP8_E4M3)
     if act is None:
-        return four_bit or channel
+        return four_bit or channel or bitstream_name(fmt) is not None
     fp8_token = act.element == FP8_E4M3 and act.dynamic and act.granularity == "token"
     return fp8_token and (four_bit or (channel and el == FP8_E4M3))
 

@@ -54,6 +54,7 @@ def test_online_hadamard_is_refused_for_vllm_and_onnx() -> None:
         (["--w4a8"], "vLLM (CUDA only: INT4 x FP8 (W4A8) needs Hopper"),
         (["--weight-format", "nvfp4"], "vLLM (CUDA only: the CPU build has no FP4 kernel)"),
         (["--weight-format", "int3_g64"], "not vLLM: int3_g64 has no compressed-tensors layout"),
+        (["--weight-format", "mxfp6_e3m2"], "ptq's CUDA kernels, ptq (`ptq eval`, emulated)"),
         (["--w4a16", "--lorc", "4", "--target", "onnx"], "not vLLM: LoRC factors"),
     ],
 )

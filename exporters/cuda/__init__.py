@@ -6,6 +6,7 @@ the kernels are compiled only on the first CUDA call. See LAYOUT.md for the layo
 
 from ptq.exporters.cuda.linear import QLinear, qlinear
 from ptq.exporters.cuda.ops import (
+    qlinear_bitstream,
     qlinear_fp8_w8a8,
     qlinear_int4,
     qlinear_mxfp4,
@@ -21,6 +22,7 @@ __all__ = [
     "QLinear",
     "pack_qtensor",
     "qlinear",
+    "qlinear_bitstream",
     "qlinear_fp8_w8a8",
     "qlinear_int4",
     "qlinear_mxfp4",

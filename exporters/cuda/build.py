@@ -26,6 +26,10 @@ KERNEL_SOURCES = (
     "qlinear_int4_asym_f32.cu",
     "qlinear_fp4.cu",
     "qlinear_byte8.cu",
+    "qlinear_int3.cu",
+    "qlinear_int5.cu",
+    "qlinear_int6.cu",
+    "qlinear_fp6.cu",
 )
 BINDING_SOURCE = "bind.cpp"
 NVCC_FLAGS = ("-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo")

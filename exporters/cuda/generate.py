@@ -1,7 +1,8 @@
 """``ptq generate OUT --prompt``: greedy generation from a ptq output with the packed ops.
 
 The output folder is loaded with ptq's loader; every quantized Linear whose format has
-a kernel (INT4 per-group, NVFP4, MXFP4, INT8/FP8 per-channel) becomes a
+a kernel (INT4 per-group, NVFP4, MXFP4, INT8/FP8 per-channel, INT3/5/6 and FP6 in
+groups) becomes a
 :class:`~ptq.exporters.cuda.linear.QLinear` calling ``torch.ops.ptq.*`` (CUDA kernels on
 a GPU, the CPU reference elsewhere); other layers keep the emulated module.
 """
@@ -21,7 +22,7 @@ from ptq.qlinear import QuantLinear
 
 def to_packed_ops(model: nn.Module, scale_dtype: torch.dtype = torch.float32) -> tuple[int, int]:
     """Swap QuantLinears for kernel-backed QLinears; return (swapped, kept emulated)."""
-    from ptq.exporters.cuda.linear import QLinear
+    from ptq.exporters.cuda.linear import FP8_ACT_WEIGHTS, QLinear
     from ptq.exporters.cuda.packing import pack_qtensor
 
     swapped = kept = 0
@@ -37,6 +38,9 @@ def to_packed_ops(model: nn.Module, scale_dtype: torch.dtype = torch.float32) ->
         try:
             packed = pack_qtensor(module.qweight, scale_dtype=scale_dtype)
         except ValueError:
+            kept += 1
+            continue
+        if fp8_act and packed.format not in FP8_ACT_WEIGHTS:
             kept += 1
             continue
         replace_module(model, name, QLinear(packed, module.bias, fp8_act=fp8_act))

@@ -8,11 +8,28 @@ from __future__ import annotations
 
 import torch
 
-from ptq.exporters.cuda.build import GEMM_TILE_K, gemm_split_k, load_extension
+from ptq.exporters.cuda.build import GEMM_TILE_K, GEMV_MAX_BATCH, gemm_split_k, load_extension
 
-WFORMAT_CODES = {"int4": 0, "int4_asym": 1, "nvfp4": 2, "mxfp4": 3, "int8": 4, "fp8": 5}
+WFORMAT_CODES = {
+    "int4": 0,
+    "int4_asym": 1,
+    "nvfp4": 2,
+    "mxfp4": 3,
+    "int8": 4,
+    "fp8": 5,
+    "int3": 6,
+    "int3_asym": 7,
+    "int5": 8,
+    "int5_asym": 9,
+    "int6": 10,
+    "int6_asym": 11,
+    "fp6_e2m3": 12,
+    "fp6_e3m2": 13,
+}
+BITSTREAM_WFORMATS = tuple(f for f, code in WFORMAT_CODES.items() if code >= 6)
 DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float8_e4m3fn: 2}
-_SCALE_KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_SCALE_KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.uint8: 3}
+BITSTREAM_MIN_GROUP = 32
 
 
 def kernel_supports(x: torch.Tensor, k: int, group_size: int, out_dtype: torch.dtype) -> bool:
@@ -29,6 +46,18 @@ def kernel_supports(x: torch.Tensor, k: int, group_size: int, out_dtype: torch.d
         and group_size >= 8
         and group_size & (group_size - 1) == 0
         and x.numel() > 0
+    )
+
+
+def bitstream_kernel_supports(x: torch.Tensor, k: int, group_size: int) -> bool:
+    """Whether the bit-stream GEMV takes this call: :func:`kernel_supports` with fp16/bf16
+    activations, at most 8 activation rows and a group size >= 32 dividing ``K``."""
+    return (
+        kernel_supports(x, k, group_size, x.dtype)
+        and x.dtype != torch.float8_e4m3fn
+        and group_size >= BITSTREAM_MIN_GROUP
+        and k % group_size == 0
+        and x.numel() // k <= GEMV_MAX_BATCH
     )
 
 
@@ -74,8 +103,10 @@ def run_qlinear(
     m, n = x2.shape[0], weight.shape[0]
     device = x2.device
     scale_kind = 0
-    if weight_scale is not None and wformat in ("int4", "int4_asym"):
-        if weight_scale.dtype not in (torch.float32, out_dtype):
+    if weight_scale is not None and wformat in ("int4", "int4_asym", *BITSTREAM_WFORMATS):
+        # fp32 or the output dtype (bit streams also E8M0 codes as uint8); else fp32.
+        e8m0 = weight_scale.dtype == torch.uint8 and wformat in BITSTREAM_WFORMATS
+        if not e8m0 and weight_scale.dtype not in (torch.float32, out_dtype):
             weight_scale = weight_scale.float()
         scale_kind = _SCALE_KIND[weight_scale.dtype]
     if weight_scale is not None:

@@ -12,9 +12,10 @@ from torch import Tensor, nn
 
 from ptq.exporters.cuda import ops as _ops  # noqa: F401  (declares torch.ops.ptq.*)
 from ptq.exporters.cuda.packing import PackedWeight
-from ptq.exporters.cuda.reference import quantize_fp8_per_token
+from ptq.exporters.cuda.reference import BITSTREAM_ELEMENTS, quantize_fp8_per_token
 
 W4A8_WEIGHTS = ("int4", "nvfp4", "mxfp4")
+FP8_ACT_WEIGHTS = (*W4A8_WEIGHTS, "fp8")
 
 
 def qlinear(
@@ -60,6 +61,10 @@ def qlinear(
         return ops.qlinear_mxfp4(x, p.weight, p.weight_scale, bias)
     if p.format in ("int8", "fp8"):
         return ops.qlinear_per_channel(x, p.weight, p.weight_scale, bias)
+    if p.format in BITSTREAM_ELEMENTS:
+        return ops.qlinear_bitstream(
+            x, p.weight, p.weight_scale, p.weight_zero_point, p.format, p.group_size, bias
+        )
     raise ValueError(f"unknown packed format {p.format!r}")
 
 

@@ -5,8 +5,10 @@ compressed-tensors layout (LAYOUT.md). The default implementation (every device,
 CPU) is the pure-torch reference in :mod:`ptq.exporters.cuda.reference`: dequantize to
 fp32 exactly as :func:`ptq.formats.dequantize` does, then an fp32 matmul. The CUDA
 implementation launches the kernels in ``csrc/`` (built lazily on first use) and falls
-back to the reference for shapes they do not take. W4A8 / W8A8 ops take FP8 E4M3
-activations with per-token scales: ``y = (e4m3(x_q) * x_scale) @ W^T + b`` (ZeroQuant-FP,
+back to the reference for shapes they do not take. ``qlinear_bitstream`` serves the
+ptq-layout bit streams (INT3/5/6, FP6) with a GEMV for at most 8 activation rows (more
+rows use the reference on the GPU). W4A8 / W8A8 ops take FP8 E4M3 activations with
+per-token scales: ``y = (e4m3(x_q) * x_scale) @ W^T + b`` (ZeroQuant-FP,
 Wu et al. 2023). Importing this module only declares the ops; nothing is compiled.
 """
 
@@ -18,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ptq.exporters.cuda import reference as ref
-from ptq.exporters.cuda.launch import kernel_supports, run_qlinear
+from ptq.exporters.cuda.launch import bitstream_kernel_supports, kernel_supports, run_qlinear
 
 W4A8_FORMATS = ("int4", "nvfp4", "mxfp4")
 
@@ -28,6 +30,22 @@ def _linear(x: Tensor, w: Tensor, bias: Tensor | None, out_dtype: torch.dtype) -
     if bias is not None:
         y = y + bias.float()
     return y.reshape(*x.shape[:-1], w.shape[0]).to(out_dtype)
+
+
+def _run_grouped(
+    fmt: str,
+    x: Tensor,
+    packed: Tensor,
+    scale: Tensor,
+    zp: Tensor | None,
+    group: int,
+    bias: Tensor | None,
+) -> Tensor:
+    """Weight-only kernel call for a group-scaled format (``fmt + "_asym"`` with zero points)."""
+    wformat = fmt if zp is None else f"{fmt}_asym"
+    return run_qlinear(
+        wformat, x, packed, x.dtype, group, weight_scale=scale, zero_point=zp, bias=bias
+    )
 
 
 def _register_fake(op: Any, weight_arg: int, out_dtype_arg: int | None = None) -> None:
@@ -102,17 +120,7 @@ def _(
     if not kernel_supports(x, x.shape[-1], group_size, x.dtype):
         w = ref.dequantize_int4(weight_packed, weight_scale, weight_zero_point, group_size)
         return _linear(x, w, bias, x.dtype)
-    fmt = "int4" if weight_zero_point is None else "int4_asym"
-    return run_qlinear(
-        fmt,
-        x,
-        weight_packed,
-        x.dtype,
-        group_size,
-        weight_scale=weight_scale,
-        zero_point=weight_zero_point,
-        bias=bias,
-    )
+    return _run_grouped("int4", x, weight_packed, weight_scale, weight_zero_point, group_size, bias)
 
 
 @torch.library.custom_op("ptq::qlinear_nvfp4", mutates_args=())
@@ -182,6 +190,48 @@ def _(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None) -> T
         return _linear(x, ref.dequantize_per_channel(weight, weight_scale), bias, x.dtype)
     fmt = "fp8" if weight.dtype == torch.float8_e4m3fn else "int8"
     return run_qlinear(fmt, x, weight, x.dtype, k, row_scale=weight_scale, bias=bias)
+
+
+@torch.library.custom_op("ptq::qlinear_bitstream", mutates_args=())
+def qlinear_bitstream(
+    x: Tensor,
+    weight_packed: Tensor,
+    weight_scale: Tensor,
+    weight_zero_point: Tensor | None,
+    weight_format: str,
+    group_size: int,
+    bias: Tensor | None,
+) -> Tensor:
+    """INT3/5/6 or FP6 bit-stream weight-only linear: ``W = value(u) * s`` per group of K."""
+    w = ref.dequantize_bitstream(
+        weight_packed, weight_scale, weight_zero_point, weight_format, group_size, x.shape[-1]
+    )
+    return _linear(x, w, bias, x.dtype)
+
+
+@qlinear_bitstream.register_kernel("cuda")
+def _(
+    x: Tensor,
+    weight_packed: Tensor,
+    weight_scale: Tensor,
+    weight_zero_point: Tensor | None,
+    weight_format: str,
+    group_size: int,
+    bias: Tensor | None,
+) -> Tensor:
+    k = x.shape[-1]
+    # Shapes and dtypes checked before any launch: the kernel reads without bounds checks.
+    ref.check_bitstream(
+        weight_packed, weight_scale, weight_zero_point, weight_format, group_size, k
+    )
+    if not bitstream_kernel_supports(x, k, group_size):
+        w = ref.dequantize_bitstream(
+            weight_packed, weight_scale, weight_zero_point, weight_format, group_size, k
+        )
+        return _linear(x, w, bias, x.dtype)
+    return _run_grouped(
+        weight_format, x, weight_packed, weight_scale, weight_zero_point, group_size, bias
+    )
 
 
 @torch.library.custom_op("ptq::qlinear_w4a8", mutates_args=())
@@ -295,5 +345,6 @@ _register_fake(qlinear_int4, weight_arg=1)
 _register_fake(qlinear_nvfp4, weight_arg=1)
 _register_fake(qlinear_mxfp4, weight_arg=1)
 _register_fake(qlinear_per_channel, weight_arg=1)
+_register_fake(qlinear_bitstream, weight_arg=1)
 _register_fake(qlinear_w4a8, weight_arg=2, out_dtype_arg=8)
 _register_fake(qlinear_fp8_w8a8, weight_arg=2, out_dtype_arg=4)

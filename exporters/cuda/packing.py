@@ -1,7 +1,10 @@
-"""Pack a :class:`ptq.formats.QTensor` into the compressed-tensors layouts the kernels read.
+"""Pack a :class:`ptq.formats.QTensor` into the on-disk layouts the kernels read.
 
 One :class:`PackedWeight` per quantized Linear: the format name, the tensors under their
-compressed-tensors names and the group size (REFERENCE.md section 3; LAYOUT.md).
+on-disk names and the group size (LAYOUT.md): compressed-tensors layouts for INT4, FP4,
+INT8 and FP8 (REFERENCE.md section 3), and ptq's own layout
+(:func:`ptq.formats.ptq_layout.to_ptq_layout`, the writer of ``--target ptq`` outputs)
+for the bit-stream formats INT3/5/6 and FP6 E2M3/E3M2.
 """
 
 from __future__ import annotations
@@ -10,9 +13,21 @@ from dataclasses import dataclass
 
 import torch
 
-from ptq.formats import FP4_E2M1, FP8_E4M3, INT4, INT8, PerChannel, PerGroup, QTensor
+from ptq.exporters.cuda.reference import BITSTREAM_ELEMENTS
+from ptq.formats import (
+    FP4_E2M1,
+    FP8_E4M3,
+    INT4,
+    INT8,
+    PerChannel,
+    PerGroup,
+    QTensor,
+    QuantFormat,
+)
+from ptq.formats.ptq_layout import to_ptq_layout
 
-WEIGHT_FORMATS = ("int4", "nvfp4", "mxfp4", "int8", "fp8")
+WEIGHT_FORMATS = ("int4", "nvfp4", "mxfp4", "int8", "fp8", *BITSTREAM_ELEMENTS)
+BITSTREAM_SCALES = ("fp32", "fp16", "bf16", "e8m0", "pow2")
 
 
 @dataclass(frozen=True)
@@ -21,11 +36,14 @@ class PackedWeight:
 
     Attributes:
         format: One of :data:`WEIGHT_FORMATS`.
-        weight: ``weight_packed`` (int4: int32 ``[N, K/8]``; fp4: uint8 ``[N, K/2]``) or
-            ``weight`` (int8 / float8_e4m3fn ``[N, K]``).
-        weight_scale: Group scales ``[N, K/g]`` or per-channel ``[N, 1]``.
+        weight: ``weight_packed`` (int4: int32 ``[N, K/8]``; fp4: uint8 ``[N, K/2]``;
+            bit streams of b bits: uint8 ``[N, ceil(K*b/8)]``) or ``weight`` (int8 /
+            float8_e4m3fn ``[N, K]``).
+        weight_scale: Group scales ``[N, K/g]`` (bit streams: float, or uint8 E8M0 codes)
+            or per-channel ``[N, 1]``.
         group_size: Elements per scale along K (K for per-channel formats).
-        weight_zero_point: INT4 asymmetric zero points, int32 ``[ceil(N/8), K/g]``.
+        weight_zero_point: Asymmetric zero points: INT4 int32 ``[ceil(N/8), K/g]`` packed
+            along N; bit-stream integers int8 ``[N, K/g]``.
         weight_global_scale: NVFP4 fp32 ``[1]``.
     """
 
@@ -68,16 +86,54 @@ def pack_fp4_codes(codes: torch.Tensor) -> torch.Tensor:
     return c[:, 0::2] | (c[:, 1::2] << 4)
 
 
+def bitstream_name(fmt: QuantFormat) -> str | None:
+    """The bit-stream kernel format serving weights of ``fmt``, or None.
+
+    INT3/5/6 (symmetric or asymmetric) or FP6 E2M3/E3M2 with power-of-two groups >= 32 of
+    fp32/fp16/bf16 or E8M0 (also ``pow2``, stored as E8M0) scales and no second level.
+    """
+    gran = fmt.granularity
+    name = next((n for n, el in BITSTREAM_ELEMENTS.items() if el == fmt.element), None)
+    grouped = isinstance(gran, PerGroup) and gran.size >= 32 and gran.size & (gran.size - 1) == 0
+    single_level = not fmt.global_scale and not fmt.channel_scale
+    if name is None or not grouped or not single_level:
+        return None
+    return name if fmt.scale_format in BITSTREAM_SCALES else None
+
+
+def pack_bitstream(q: QTensor) -> PackedWeight:
+    """``q``'s ptq-layout tensors (the ``--target ptq`` writer's bytes) as a PackedWeight.
+
+    Raises:
+        ValueError: ``q`` is not a bit-stream kernel format (:func:`bitstream_name`).
+    """
+    name = bitstream_name(q.fmt)
+    if name is None:
+        raise ValueError(f"{q.fmt.element.name} {q.fmt.granularity.name} has no bit-stream kernel")
+    d = to_ptq_layout(q)
+    assert isinstance(q.fmt.granularity, PerGroup)
+    return PackedWeight(
+        name,
+        d["weight_packed"],
+        d["weight_scale"],
+        q.fmt.granularity.size,
+        weight_zero_point=d.get("weight_zero_point"),
+    )
+
+
 def pack_qtensor(q: QTensor, scale_dtype: torch.dtype = torch.float16) -> PackedWeight:
     """Pack ``q`` for the kernels; raise ``ValueError`` for formats they do not serve.
 
     Args:
         q: Quantized ``[N, K]`` weight from :func:`ptq.formats.quantize`.
         scale_dtype: Storage dtype of INT4 group scales and per-channel scales
-            (compressed-tensors writes the model dtype; fp32 keeps them exact).
+            (compressed-tensors writes the model dtype; fp32 keeps them exact). Bit-stream
+            formats keep the ptq layout's scales (the format's own scale dtype, exact).
     """
     fmt, gran = q.fmt, q.fmt.granularity
     rows, cols = q.shape
+    if bitstream_name(fmt) is not None:
+        return pack_bitstream(q)
     if fmt.element == INT4 and isinstance(gran, PerGroup):
         zp = None if q.zero_point is None else pack_zero_points(q.zero_point.long() + 8)
         return PackedWeight(
@@ -102,5 +158,6 @@ def pack_qtensor(q: QTensor, scale_dtype: torch.dtype = torch.float16) -> Packed
         f"no CUDA kernel for {fmt.element.name} with {gran.name} granularity "
         f"(scale {fmt.scale_format}, symmetric={fmt.symmetric}) on a {rows}x{cols} weight; "
         "supported: INT4 per-group (sym/asym), NVFP4 (E4M3/16 + global), MXFP4 (E8M0/32), "
-        "INT8 and FP8 E4M3 per-channel"
+        "INT8 and FP8 E4M3 per-channel, INT3/5/6 (sym/asym) and FP6 E2M3/E3M2 in power-of-two "
+        "groups >= 32 with fp32/fp16/bf16/E8M0 scales"
     )

@@ -11,17 +11,39 @@ broadcast over their group (compressed-tensors layouts, REFERENCE.md section 3):
 * NVFP4: ``W = e2m1(code) * (e4m3(t) / g)`` with the fp32 global scale ``g``.
 * MXFP4: ``W = e2m1(code) * 2^(x - 127)``.
 * INT8 / FP8 per channel: ``W = q * s[n]``.
+* ptq-layout bit streams (INT3/5/6, FP6 E2M3/E3M2): codes ``u`` of ``b`` bits back to
+  back per row (:func:`ptq.formats.packing.unpack_bits`); ``W = (u - 2^(b-1) - z) * s``
+  for integers (``z`` = 0 or the int8 zero point of the group), ``W = fp6(u) * s`` for
+  FP6, with group scales ``s`` in fp32/fp16/bf16 or as E8M0 codes (uint8).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ptq.formats import FP4_E2M1, FP8_E4M3
+from ptq.formats import (
+    FP4_E2M1,
+    FP6_E2M3,
+    FP6_E3M2,
+    FP8_E4M3,
+    INT3,
+    INT5,
+    INT6,
+    ElementFormat,
+    IntFormat,
+)
 from ptq.formats.minifloat import decode_float
+from ptq.formats.packing import unpack_bits
 
 NVFP4_GROUP = 16
 MXFP4_GROUP = 32
+BITSTREAM_ELEMENTS: dict[str, ElementFormat] = {
+    "int3": INT3,
+    "int5": INT5,
+    "int6": INT6,
+    "fp6_e2m3": FP6_E2M3,
+    "fp6_e3m2": FP6_E3M2,
+}
 
 
 def _nibbles(words: torch.Tensor, count: int) -> torch.Tensor:
@@ -110,6 +132,89 @@ def dequantize_mxfp4(weight_packed: torch.Tensor, weight_scale: torch.Tensor) ->
         raise ValueError(f"MXFP4 weight_scale must be uint8 E8M0, got {weight_scale.dtype}")
     values = decode_float(unpack_fp4(weight_packed), FP4_E2M1)
     return values * _expand(decode_e8m0(weight_scale), MXFP4_GROUP, values.shape[1])
+
+
+def _expand_groups(t: torch.Tensor, group: int, cols: int) -> torch.Tensor:
+    """Per-group values ``[N, ceil(K/g)]`` repeated over their group to ``[N, K]``."""
+    return t.repeat_interleave(group, dim=1)[:, :cols]
+
+
+def check_bitstream(
+    weight_packed: torch.Tensor,
+    weight_scale: torch.Tensor,
+    weight_zero_point: torch.Tensor | None,
+    weight_format: str,
+    group_size: int,
+    k: int,
+) -> ElementFormat:
+    """The element format of bit-stream tensors after checking every dtype and shape.
+
+    Raises:
+        ValueError: Unknown format, or a tensor of the wrong dtype or shape (named).
+    """
+    if weight_format not in BITSTREAM_ELEMENTS:
+        raise ValueError(
+            f"unknown bit-stream format {weight_format!r}; valid: {', '.join(BITSTREAM_ELEMENTS)}"
+        )
+    el = BITSTREAM_ELEMENTS[weight_format]
+    if weight_packed.dtype != torch.uint8 or weight_packed.dim() != 2:
+        raise ValueError(f"bit-stream weight_packed must be 2-D uint8, got {weight_packed.dtype}")
+    if group_size < 1:
+        raise ValueError(f"group_size must be positive, got {group_size}")
+    rows, groups = weight_packed.shape[0], -(-k // group_size)
+    if weight_packed.shape[1] != -(-k * el.bits // 8):
+        raise ValueError(
+            f"{weight_format} weight_packed has {weight_packed.shape[1]} bytes per row; "
+            f"K = {k} needs ceil(K * {el.bits} / 8) = {-(-k * el.bits // 8)}"
+        )
+    if weight_scale.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.uint8):
+        raise ValueError(
+            f"weight_scale must be fp32/fp16/bf16 or uint8 E8M0, not {weight_scale.dtype}"
+        )
+    for name, t in (("weight_scale", weight_scale), ("weight_zero_point", weight_zero_point)):
+        if t is not None and tuple(t.shape) != (rows, groups):
+            raise ValueError(
+                f"{name} has shape {tuple(t.shape)}; K = {k} in groups of {group_size} over "
+                f"{rows} rows needs [{rows}, {groups}]"
+            )
+    if weight_zero_point is not None and (
+        not isinstance(el, IntFormat) or weight_zero_point.dtype != torch.int8
+    ):
+        raise ValueError(f"{weight_format} zero points must be int8 and integer formats only")
+    return el
+
+
+def dequantize_bitstream(
+    weight_packed: torch.Tensor,
+    weight_scale: torch.Tensor,
+    weight_zero_point: torch.Tensor | None,
+    weight_format: str,
+    group_size: int,
+    k: int,
+) -> torch.Tensor:
+    """``W [N, K]`` in fp32 from ptq-layout bit-stream tensors (see the module docstring).
+
+    Args:
+        weight_packed: uint8 ``[N, ceil(K*b/8)]``, each row a little-endian bit stream.
+        weight_scale: Group scales ``[N, ceil(K/g)]``: fp32/fp16/bf16 values, or uint8
+            E8M0 codes ``2^(x - 127)``.
+        weight_zero_point: Integers only: int8 zero points ``[N, ceil(K/g)]`` or None.
+        weight_format: A key of :data:`BITSTREAM_ELEMENTS`.
+        group_size: Elements per group along K.
+        k: ``K`` (the packed width alone does not fix it).
+    """
+    el = check_bitstream(
+        weight_packed, weight_scale, weight_zero_point, weight_format, group_size, k
+    )
+    u = unpack_bits(weight_packed, el.bits, k)
+    if isinstance(el, IntFormat):
+        values = u.float() - 2 ** (el.bits - 1)
+        if weight_zero_point is not None:
+            values = values - _expand_groups(weight_zero_point.float(), group_size, k)
+    else:
+        values = decode_float(u, el)
+    scale = decode_e8m0(weight_scale) if weight_scale.dtype == torch.uint8 else weight_scale.float()
+    return values * _expand_groups(scale, group_size, k)
 
 
 def dequantize_per_channel(weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:

@@ -78,10 +78,14 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
         shifts = torch.arange(0, 8, bits, device=p.device, dtype=torch.int32)
         codes = (p.unsqueeze(-1) >> shifts) & (2**bits - 1)
         return codes.reshape(rows, -1)[:, :n].to(torch.uint8)
-    weights = torch.arange(8, device=p.device, dtype=torch.int32)
-    stream = ((p.unsqueeze(-1) >> weights) & 1).reshape(rows, -1)[:, : n * bits]
-    shifts = torch.arange(bits, device=p.device, dtype=torch.int32)
-    return (stream.reshape(rows, n, bits) << shifts).sum(dim=-1).to(torch.uint8)
+    # Element i starts at stream bit t = i*b: bit t % 8 of byte t // 8. With b <= 8 it
+    # ends within the next byte (t % 8 + b <= 15), so it is bits t % 8 .. of the 16-bit
+    # little-endian pair (byte t // 8, byte t // 8 + 1); one spare zero byte pads the end.
+    start = torch.arange(n, device=p.device, dtype=torch.int64) * bits
+    lo = start // 8
+    p = torch.nn.functional.pad(p, (0, 1))
+    pair = p[:, lo] | (p[:, lo + 1] << 8)
+    return ((pair >> (start % 8).to(torch.int32)) & (2**bits - 1)).to(torch.uint8)
 
 
 def pack_int32(q: torch.Tensor, bits: int) -> torch.Tensor:

@@ -9,6 +9,9 @@
 //   FP4 E2M1                   bit 3 sign, bits 2-1 exponent (bias 1), bit 0 mantissa
 //   FP8 E4M3 (OCP, "fn")       bit 7 sign, bits 6-3 exponent (bias 7), bits 2-0 mantissa,
 //                              S.1111.111 is NaN, no Inf
+//   FP6 E2M3 / E3M2 (OCP MX)   bit 5 sign, then 2/3 exponent bits (bias 1/3) and 3/2
+//                              mantissa bits; every code finite (no Inf, no NaN)
+//   INT3/5/6 (ptq layout)      u in [0, 2^b) stored, value q = u - 2^(b-1) (- zero point)
 //   E8M0                       2^(x - 127), 0xFF is NaN
 #pragma once
 #include <cstdint>
@@ -56,22 +59,43 @@ PTQ_HD float half_bits_to_float(uint16_t h) {
 // bfloat16 bits to fp32: the upper half of an fp32.
 PTQ_HD float bf16_bits_to_float(uint16_t b) { return bits_to_float(static_cast<uint32_t>(b) << 16); }
 
-// Signed INT4 value of the nibble at position i (bits 4i..4i+3) of `word`, minus `offset`
-// (8 for symmetric compressed-tensors weights, the unpacked zero point otherwise).
-// Exact: 2^23 + u is representable, so the subtraction below is exact.
-PTQ_HD float int4_value(uint32_t word, int i, float offset) {
-  const uint32_t u = (word >> (4 * i)) & 0xFu;
+// u - offset for a stored unsigned integer code u < 2^23 and an integer offset (2^(b-1)
+// for symmetric weights, 2^(b-1) + zero point otherwise): OR-ing u into the mantissa of
+// 2^23 gives the fp32 2^23 + u, so one LOP3 and one FADD decode it, exactly.
+// int4_value: the same for the nibble at position i (bits 4i..4i+3) of `word`.
+PTQ_HD float int_code_value(uint32_t u, float offset) {
   return bits_to_float(0x4B000000u | u) - (8388608.0f + offset);
+}
+
+PTQ_HD float int4_value(uint32_t word, int i, float offset) {
+  return int_code_value((word >> (4 * i)) & 0xFu, offset);
 }
 
 // Unpacked 4-bit field number `i` (0..7) of a packed 32-bit word (zero points along N).
 PTQ_HD uint32_t nibble(uint32_t word, int i) { return (word >> (4 * i)) & 0xFu; }
 
-// FP4 E2M1 code (low 4 bits) to the fp16 bit pattern of value * 2^-14.
-// Placing the 3 magnitude bits at fp16 bits 9..11 makes the fp16 exponent field equal the
-// E2M1 exponent field, so both normals and the subnormal (0.5) land exactly, 2^14 apart.
+// Sign-magnitude minifloat ExMy code (1 + kExp + kMan bits, kExp <= 5, kMan <= 10, any
+// bias) to the fp16 bit pattern of value * 2^(bias - 15). The magnitude bits go to fp16
+// bits 10 - kMan .. 9 + kExp, so the code's exponent field becomes the low bits of the
+// fp16 exponent field and its mantissa the top of the fp16 mantissa: a normal code
+// 2^(E - bias) (1 + m / 2^kMan) becomes 2^(E - 15) (1 + m / 2^kMan) and a subnormal
+// one 2^(1 - bias) m / 2^kMan becomes the fp16 subnormal 2^-14 m / 2^kMan; both are the
+// code's value times 2^(bias - 15), exactly. The sign bit goes to fp16 bit 15.
+// Used for E2M1 (bias 1), E4M3 (7), FP6 E2M3 (1) and E3M2 (3); infinities and NaN
+// codes are not special-cased (the callers handle the ones their format has).
+template <int kExp, int kMan>
+PTQ_HD uint16_t minifloat_to_half_bits_scaled(uint32_t code) {
+  static_assert(kExp >= 1 && kExp <= 5 && kMan >= 0 && kMan <= 10, "does not fit fp16");
+  constexpr uint32_t kMag = (1u << (kExp + kMan)) - 1u;
+  constexpr uint32_t kSign = 1u << (kExp + kMan);
+  return static_cast<uint16_t>(((code & kSign) << (15 - kExp - kMan)) |
+                               ((code & kMag) << (10 - kMan)));
+}
+
+// FP4 E2M1 code (low 4 bits) to the fp16 bit pattern of value * 2^-14: the 3 magnitude
+// bits at fp16 bits 9..11 (both normals and the subnormal 0.5 land exactly).
 PTQ_HD uint16_t e2m1_to_half_bits_scaled(uint32_t code) {
-  return static_cast<uint16_t>(((code & 0x8u) << 12) | ((code & 0x7u) << 9));
+  return minifloat_to_half_bits_scaled<2, 1>(code);
 }
 
 // FP4 E2M1 code (low 4 bits) to fp32.
@@ -80,9 +104,8 @@ PTQ_HD float e2m1_to_float(uint32_t code) {
 }
 
 // FP8 E4M3 (fn) code to the fp16 bit pattern of value * 2^-8 (NaN not handled).
-// Same idea: fp16 exponent field = E4M3 exponent field, subnormals included.
 PTQ_HD uint16_t e4m3_to_half_bits_scaled(uint32_t code) {
-  return static_cast<uint16_t>(((code & 0x80u) << 8) | ((code & 0x7Fu) << 7));
+  return minifloat_to_half_bits_scaled<4, 3>(code);
 }
 
 // FP8 E4M3 (fn) code to fp32, NaN for S.1111.111.

@@ -33,19 +33,24 @@ const char* launch_gemm(const QLinearArgs& a, const WeightView& w, cudaStream_t 
   return last_error();
 }
 
+// GEMV for M <= 8 (specialised for M = 1).
+template <class Fmt, int kAct, int kOut>
+const char* launch_gemv(const QLinearArgs& a, const WeightView& w, cudaStream_t stream) {
+  if (a.M > 8) return "the GEMV takes at most 8 activation rows";
+  const int rows_per_block = kGemvWarps * kGemvRows;
+  const dim3 grid((a.N + rows_per_block - 1) / rows_per_block);
+  if (a.M == 1) {
+    qgemv_kernel<Fmt, kAct, kOut, 1><<<grid, kGemvWarps * 32, 0, stream>>>(a, w);
+  } else {
+    qgemv_kernel<Fmt, kAct, kOut, 8><<<grid, kGemvWarps * 32, 0, stream>>>(a, w);
+  }
+  return last_error();
+}
+
 template <class Fmt, int kAct, int kOut>
 const char* launch_typed(const QLinearArgs& a, cudaStream_t stream) {
   const WeightView w = make_view(a);
-  if (a.M <= 8) {
-    const int rows_per_block = kGemvWarps * kGemvRows;
-    const dim3 grid((a.N + rows_per_block - 1) / rows_per_block);
-    if (a.M == 1) {
-      qgemv_kernel<Fmt, kAct, kOut, 1><<<grid, kGemvWarps * 32, 0, stream>>>(a, w);
-    } else {
-      qgemv_kernel<Fmt, kAct, kOut, 8><<<grid, kGemvWarps * 32, 0, stream>>>(a, w);
-    }
-    return last_error();
-  }
+  if (a.M <= 8) return launch_gemv<Fmt, kAct, kOut>(a, w, stream);
   if (a.M <= 32) return launch_gemm<Fmt, kAct, kOut, 16>(a, w, stream);
   return launch_gemm<Fmt, kAct, kOut, 64>(a, w, stream);
 }

@@ -1,10 +1,14 @@
 // ptq_formats.cuh: packed weight formats as small traits, shared by GEMV, GEMM and host tests.
 //
-// A weight matrix W [N, K] is read in 128-bit vectors along K (32 elements for 4-bit
-// formats, 16 for 8-bit ones); a vector is decoded in chunks of 8 elements. For chunk
-// j of the vector that starts at k0, `chunk` writes the 8 element values (zero point
-// removed, group scale NOT applied) and returns the group scale, so that
-//     W[n, k0 + 8j + i] = out[i] * scale            (then row_epilogue per output row)
+// A weight matrix W [N, K] is read in vectors (`Fmt::Vec`) along K: 128 bits for the
+// compressed-tensors formats (32 elements for 4-bit formats, 16 for 8-bit ones), b 32-bit
+// words (32 elements) for the b-bit stream formats of ptq_bitstream.cuh. A vector is
+// decoded in chunks of 8 elements. For chunk j of the vector that starts at k0, `chunk`
+// writes the 8 element values (zero point removed, group scale NOT applied) and returns
+// the group scale, so that
+//     W[n, k0 + 8j + i] = (out[i] * kValueScale) * scale   (then row_epilogue per row)
+// kValueScale is a power of two (1 unless a decoder leaves it out, e.g. FP6's 2^(15-bias)):
+// exact, so the kernels may apply it once per chunk dot product instead of per element.
 // Per-channel scales (INT8/FP8) and the NVFP4 1/global factor are linear in the dot
 // product, so they are applied once per output by `row_epilogue` instead.
 // Layouts: see LAYOUT.md next to this file. All functions are __host__ __device__.
@@ -27,12 +31,14 @@ struct ScaleZero {
 };
 
 // Scale element types of INT4 group scales.
-enum ScaleKind : int { kScaleF32 = 0, kScaleF16 = 1, kScaleBF16 = 2 };
+// E8M0: uint8 codes 2^(x - 127) (the MX shared scale, bit-stream formats only).
+enum ScaleKind : int { kScaleF32 = 0, kScaleF16 = 1, kScaleBF16 = 2, kScaleE8M0 = 3 };
 
 struct WeightView {
   const void* data;        // packed weights, row-major [N, K * bits / 8] bytes
   const void* scale;       // group scales [N, K / group] (format-dependent element type)
-  const uint32_t* zero;    // INT4 asymmetric zero points, int32 [ceil(N / 8), K / group]
+  const uint32_t* zero;    // zero points: INT4 int32 [ceil(N / 8), K / group] packed along
+                           // N; bit-stream INT int8 [N, K / group] (read as int8_t)
   const float* global;     // NVFP4 global scale, fp32 [1]
   const float* row_scale;  // per-channel scales, fp32 [N]
   int N;
@@ -67,6 +73,8 @@ PTQ_HD float load_scale(const void* base, size_t idx) {
     return load_scalar(static_cast<const float*>(base) + idx);
   } else if constexpr (kScaleKind == kScaleF16) {
     return half_bits_to_float(load_scalar(static_cast<const uint16_t*>(base) + idx));
+  } else if constexpr (kScaleKind == kScaleE8M0) {
+    return e8m0_to_float(load_scalar(static_cast<const uint8_t*>(base) + idx));
   } else {
     return bf16_bits_to_float(load_scalar(static_cast<const uint16_t*>(base) + idx));
   }
@@ -76,8 +84,10 @@ PTQ_HD float load_scale(const void* base, size_t idx) {
 // stored u = q + 8; group scales [N, K/g]; optional zero points packed along N.
 template <int kScaleKind, bool kAsym>
 struct Int4Format {
+  using Vec = U32x4;
   static constexpr int kElemsPerVec = 32;
   static constexpr bool kHalf2Dot = true;  // GEMV may use int4_dot8_half2 (ptq_half2.cuh)
+  static constexpr float kValueScale = 1.0f;
 
   // {group scale, zero offset} of element k of row n: W[n, k] = (u - offset) * scale.
   PTQ_HD static ScaleZero group_params(const WeightView& w, int n, int k) {
@@ -109,8 +119,10 @@ struct Int4Format {
 // fp32 global divisor); otherwise MXFP4 (E8M0 scale per 32).
 template <bool kNv>
 struct Fp4Format {
+  using Vec = U32x4;
   static constexpr int kElemsPerVec = 32;
   static constexpr bool kHalf2Dot = false;
+  static constexpr float kValueScale = 1.0f;
 
   PTQ_HD static U32x4 load_vec(const WeightView& w, int n, int vi) {
     return load_vec16(w.data, (static_cast<size_t>(n) * w.K / 2) + 16u * vi);
@@ -141,8 +153,10 @@ struct Fp4Format {
 // One byte per element: INT8 (two's complement) or FP8 E4M3, per-channel fp32 scale.
 template <bool kFp8>
 struct Byte8Format {
+  using Vec = U32x4;
   static constexpr int kElemsPerVec = 16;
   static constexpr bool kHalf2Dot = false;
+  static constexpr float kValueScale = 1.0f;
 
   PTQ_HD static U32x4 load_vec(const WeightView& w, int n, int vi) {
     return load_vec16(w.data, static_cast<size_t>(n) * w.K + 16u * vi);

@@ -82,7 +82,7 @@ __global__ void __launch_bounds__(kGemmThreads)
       const int n = n0 + tid;  // kGemmThreads == BN: one weight row per thread
 #pragma unroll
       for (int vi = 0; vi < BK / E; ++vi) {
-        U32x4 pv = {{0u, 0u, 0u, 0u}};
+        typename Fmt::Vec pv{};
         if (n < a.N) pv = Fmt::load_vec(w, n, kb / E + vi);
 #pragma unroll
         for (int j = 0; j < E / 8; ++j) {
@@ -91,7 +91,10 @@ __global__ void __launch_bounds__(kGemmThreads)
           if (n < a.N) {
             const float s = Fmt::chunk(w, pv, n, kb + vi * E, j, q);
 #pragma unroll
-            for (int i = 0; i < 8; ++i) q[i] *= s;
+            for (int i = 0; i < 8; ++i) {
+              if constexpr (Fmt::kValueScale != 1.0f) q[i] *= Fmt::kValueScale;  // exact
+              q[i] *= s;
+            }
             packed = pack8<CT>(q);
           }
           *reinterpret_cast<uint4*>(&Bs[tid * LDS + vi * E + 8 * j]) = packed;

@@ -1,15 +1,16 @@
 // ptq_gemv.cuh: weight-only / W4A8 GEMV for batch 1..8 (decode), memory bound.
 //
-// One warp per kGemvRows output rows; lane l reads the 128-bit weight vectors l, l + 32,
-// ... of each of its rows (coalesced: a warp reads 512 contiguous bytes per row and
-// step), kUnroll vectors per row in flight before any is decoded. Two rows per warp
+// One warp per kGemvRows output rows; lane l reads the weight vectors l, l + 32, ... of
+// each of its rows (128-bit vectors: a warp reads 512 contiguous bytes per row and step;
+// bit-stream chunks of b words: 128 b contiguous bytes), kUnroll vectors per row in
+// flight before any is decoded. Two rows per warp
 // halve the activation reads (each x chunk serves both rows) and double the bytes in
 // flight. Measured on an H200 (benchmarks/results/gpu_kernels_h200.md): batch 1 is bound
 // by latency (warps stall on the L1 loads of x and of the group scales), not by issue
 // or DRAM; staging x ahead of the weights is the next step.
 // Each 8-element chunk is decoded to fp32, dotted with the activations in fp32 and scaled
-// once by its group scale:
-//     acc[r][m] += s_g * sum_i q_i * x[m, k + i]
+// once by its group scale (and the format's power-of-two kValueScale, exactly):
+//     acc[r][m] += s_g * (kValueScale * sum_i q_i * x[m, k + i])
 // (INT4 with fp16/bf16 activations instead decodes and multiplies two weights per
 // instruction in half2, ptq_half2.cuh), then the warp reduces acc with shuffles and
 // lane 0 applies the per-row epilogue (per-channel scale, 1/global, per-token activation
@@ -42,7 +43,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
   }
 
   for (int base = lane; base < nvec; base += 32 * kUnroll) {
-    U32x4 v[R][kUnroll];
+    typename Fmt::Vec v[R][kUnroll];
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       // A missing last row (odd N) re-reads row n0; its result is never stored.
@@ -50,7 +51,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int vi = base + 32 * u;
-        v[r][u] = vi < nvec ? Fmt::load_vec(w, n, vi) : U32x4{{0u, 0u, 0u, 0u}};
+        v[r][u] = vi < nvec ? Fmt::load_vec(w, n, vi) : typename Fmt::Vec{};
       }
     }
 #pragma unroll
@@ -99,6 +100,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
                 float d = 0.0f;
 #pragma unroll
                 for (int i = 0; i < 8; ++i) d = fmaf(q[r][i], x[i], d);
+                if constexpr (Fmt::kValueScale != 1.0f) d *= Fmt::kValueScale;  // exact
                 acc[r][m] = fmaf(d, s[r], acc[r][m]);
               }
             }

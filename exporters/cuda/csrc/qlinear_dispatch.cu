@@ -2,6 +2,35 @@
 #include "ptq_launch.h"
 
 namespace ptq {
+namespace {
+
+// The bit-stream formats: GEMV only; a 32-code chunk (b whole words) lies in one group.
+const char* launch_bitstream(const QLinearArgs& a, cudaStream_t stream) {
+  if (a.M > 8) return "bit-stream formats have a GEMV only: at most 8 activation rows";
+  const bool pow2 = a.group_size >= 32 && (a.group_size & (a.group_size - 1)) == 0;
+  if (!pow2 || a.K % a.group_size != 0) {
+    return "bit-stream group size must be a power of two >= 32 that divides K";
+  }
+  if (a.w_scale == nullptr) return "bit-stream formats need weight_scale";
+  switch (a.wformat) {
+    case kWInt3:
+    case kWInt3Asym:
+      if (a.wformat == kWInt3Asym && a.w_zero == nullptr) return "asymmetric INT3 needs zeros";
+      return launch_int3(a, stream);
+    case kWInt5:
+    case kWInt5Asym:
+      if (a.wformat == kWInt5Asym && a.w_zero == nullptr) return "asymmetric INT5 needs zeros";
+      return launch_int5(a, stream);
+    case kWInt6:
+    case kWInt6Asym:
+      if (a.wformat == kWInt6Asym && a.w_zero == nullptr) return "asymmetric INT6 needs zeros";
+      return launch_int6(a, stream);
+    default:
+      return launch_fp6(a, stream);
+  }
+}
+
+}  // namespace
 
 const char* ptq_qlinear(const QLinearArgs& a, cudaStream_t stream) {
   if (a.M < 1 || a.N < 1 || a.K < 1) return "M, N and K must be positive";
@@ -27,6 +56,15 @@ const char* ptq_qlinear(const QLinearArgs& a, cudaStream_t stream) {
     case kWFp8:
       if (a.row_scale == nullptr) return "INT8/FP8 weights need per-channel scales";
       return launch_byte8(a, stream);
+    case kWInt3:
+    case kWInt3Asym:
+    case kWInt5:
+    case kWInt5Asym:
+    case kWInt6:
+    case kWInt6Asym:
+    case kWFp6E2M3:
+    case kWFp6E3M2:
+      return launch_bitstream(a, stream);
     default:
       return "unknown weight format";
   }

@@ -40,12 +40,15 @@ def build_harness(out_dir: Path) -> ctypes.CDLL | None:
     for name in ("h_half_bits_to_float", "h_bf16_bits_to_float"):
         getattr(dll, name).argtypes = [ctypes.c_uint16]
         getattr(dll, name).restype = ctypes.c_float
-    for name in ("h_e2m1_to_float", "h_e4m3_to_float", "h_e8m0_to_float"):
+    unary = ("h_e2m1_to_float", "h_e4m3_to_float", "h_e8m0_to_float")
+    for name in (*unary, "h_fp6_e2m3_to_float", "h_fp6_e3m2_to_float"):
         getattr(dll, name).argtypes = [ctypes.c_uint32]
         getattr(dll, name).restype = ctypes.c_float
     dll.h_int4_value.argtypes = [ctypes.c_uint32, ctypes.c_int, ctypes.c_float]
     dll.h_int4_value.restype = ctypes.c_float
     p = ctypes.c_void_p
+    dll.h_bits_code.argtypes = [p, ctypes.c_int, ctypes.c_int]
+    dll.h_bits_code.restype = ctypes.c_uint32
     dll.h_dequantize.argtypes = [
         ctypes.c_int,
         ctypes.c_int,
