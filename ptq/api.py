@@ -362,7 +362,7 @@ def _transformed_folder(
 
 def _plan_lazily(source: WeightSource, scheme: Scheme, log: Any) -> QuantPlan:
     """The plan, captured with only the outer part and one block of each structure loaded."""
-    from ptq.frontend.capture import block_signature
+    from ptq.frontend.blocks import block_signature
 
     first: dict[Any, int] = {}
     for i, block in enumerate(source.blocks or []):

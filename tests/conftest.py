@@ -114,7 +114,12 @@ def _train_tokenizer(out: Path) -> None:
 
 
 def make_tiny_model(out: Path, arch: str = "llama", seed: int = 0, **overrides: object) -> Path:
-    """Write a tiny random-init model folder (config + safetensors + tokenizer)."""
+    """Write a tiny random-init model folder (config + safetensors + tokenizer).
+
+    ``arch`` is any transformers model type; those of :mod:`tiny_archs` get its extra
+    settings (expert counts, GPT-2/OPT names) before ``overrides``.
+    """
+    from tiny_archs import ARCHS
     from transformers import AutoConfig, AutoModelForCausalLM
 
     base: dict[str, object] = {
@@ -127,6 +132,7 @@ def make_tiny_model(out: Path, arch: str = "llama", seed: int = 0, **overrides: 
         "max_position_embeddings": 256,
         "tie_word_embeddings": True,
     }
+    base.update(ARCHS.get(arch, {}) if arch != "llama" else {})
     base.update(overrides)
     config = AutoConfig.for_model(arch, **base)
     torch.manual_seed(seed)

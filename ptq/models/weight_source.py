@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ptq.calibration.blocks import find_blocks
 from ptq.errors import PtqInputError
+from ptq.frontend.blocks import find_blocks
 from ptq.io.safetensors_reader import SafetensorsFile, SafetensorsIndex
 
 OVERLAY_FILE = "outer.safetensors"
@@ -221,13 +221,18 @@ class LazySource(WeightSource):
             )
 
     def _stored_names(self) -> dict[str, str | None]:
-        """For every tensor name: the checkpoint name holding it (tied aliases share one)."""
+        """For every tensor name: the checkpoint name holding it (tied aliases share one;
+        transformers' renamings applied, :mod:`ptq.models.checkpoint_names`)."""
+        from ptq.models.checkpoint_names import CheckpointNames
+
+        rename = CheckpointNames.of(self.model)
+        on_disk = {rename.to_memory(k): k for k in self.index}
         groups: dict[int, list[str]] = {}
         for name, t in _named_tensors(self.model):
             groups.setdefault(id(t), []).append(name)
         out: dict[str, str | None] = {}
         for names in groups.values():
-            stored = next((n for n in names if n in self.index), None)
+            stored = next((on_disk[n] for n in names if n in on_disk), None)
             for n in names:
                 out[n] = stored
         return out

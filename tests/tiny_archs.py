@@ -1,0 +1,57 @@
+"""Tiny random-init transformers models of every supported decoder family (built offline)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+BASE: dict[str, Any] = {
+    "vocab_size": 320,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 128,
+}
+TOKENS = {"bos_token_id": 1, "eos_token_id": 2}
+ARCHS: dict[str, dict[str, Any]] = {
+    "llama": {},
+    "mistral": {},
+    "qwen2": {},
+    "qwen3": {"head_dim": 16},
+    "gemma": {"head_dim": 16},
+    "gemma2": {"head_dim": 16},
+    "gemma3_text": {"head_dim": 16},
+    "phi3": {"pad_token_id": 0, **TOKENS},
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "qwen2_moe": {
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "shared_expert_intermediate_size": 48,
+    },
+    "opt": {"ffn_dim": 96, "word_embed_proj_dim": 64, "pad_token_id": 0, **TOKENS},
+    "gpt2": {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 128, **TOKENS},
+    "bert": {},
+}
+DECODERS = [a for a in ARCHS if a != "bert"]
+
+
+def tiny_config(arch: str, **overrides: Any) -> Any:
+    """The transformers config of a 2-block tiny ``arch``."""
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(arch, **{**BASE, **ARCHS[arch], **overrides})
+
+
+def tiny_model(arch: str, seed: int = 0, **overrides: Any) -> nn.Module:
+    """A 2-block random-init model of ``arch`` in eval mode (fused experts as transformers
+    builds them)."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cls = AutoModel if arch == "bert" else AutoModelForCausalLM
+    return cls.from_config(tiny_config(arch, **overrides), dtype=torch.float32).eval()
