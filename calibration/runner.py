@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -204,15 +205,21 @@ class UnitRunner:
         self.wants_fp = any(p.observes_fp for p in every)
         self.wants_outer = any(p.touches_outer for p in every)
         self.has_prologue = any(p.has_prologue for p in self.passes)
+        self._scratch: tempfile.TemporaryDirectory[str] | None = None
 
     # ----------------------------------------------------------------- driving
     @torch.no_grad()
     def run(self) -> RunOutcome:
         """One sweep of the units (the passes are already prepared: :func:`run_passes`)."""
-        if self.source.blocks is None:
-            self._run_model()
-        else:
-            self._run_blocks()
+        try:
+            if self.source.blocks is None:
+                self._run_model()
+            else:
+                self._run_blocks()
+        finally:
+            if self._scratch is not None:
+                self.source.set_overlay(None)
+                self._scratch.cleanup()
         return self.outcome
 
     def _run_passes(self, unit: Unit) -> None:
@@ -309,6 +316,8 @@ class UnitRunner:
         with torch.no_grad(), self.source.outer_on_demand(original=self.source.lazy):
             if self._eval("eval_fp"):
                 self.streams["eval_fp"] = self._capture("eval_fp", windows)
+            needed = [m for p in self.passes for m in p.prologue_modules(self.state)]
+            self.source.load_modules(needed, original=self.source.lazy)
             for p in self.passes:
                 p.prologue(self.state, self.ctx)
             if batches:
@@ -319,7 +328,7 @@ class UnitRunner:
                     self.streams["fp"] = Stream.create("fp", fp_inputs, self._offload())
             if self._eval("eval_q"):
                 self.streams["eval_q"] = self._capture("eval_q", windows)
-        if self.has_prologue and self.source.lazy and self.settings.checkpoint is not None:
+        if self.has_prologue and self.source.lazy:
             self._save_overlay()
         self.source.release_outer()
 
@@ -335,8 +344,11 @@ class UnitRunner:
     def _save_overlay(self) -> None:
         from safetensors.torch import save_file
 
-        assert self.settings.checkpoint is not None
-        work = self.settings.checkpoint.work
+        if self.settings.checkpoint is not None:
+            work = self.settings.checkpoint.work
+        else:  # a sweep without a work folder (the first of a bit allocation, a test)
+            self._scratch = tempfile.TemporaryDirectory(prefix="ptq-overlay-")
+            work = Path(self._scratch.name)
         work.mkdir(parents=True, exist_ok=True)
         current = {n: self.source.current(n) for n in self.source.outer_names()}
         tensors = {n: t for n, t in current.items() if t.device.type != "meta"}

@@ -214,6 +214,9 @@ class RotationPass(Pass):
             raise ValueError("rotation: prepare() did not run")
         return self._q.to(device)
 
+    def prologue_modules(self, state: QuantState) -> list[str]:
+        return list(structure_of(state).outer.embeddings)
+
     def prologue(self, state: QuantState, ctx: PassContext) -> None:
         for name in structure_of(state).outer.embeddings:
             e = tensor_attr(state.model.get_submodule(name), "weight")

@@ -114,6 +114,9 @@ class WeightSource:
         self.load_outer(original=original)
         yield
 
+    def load_modules(self, names: list[str], *, original: bool = False) -> None:
+        """Make the outer modules ``names`` real now (inside :meth:`outer_on_demand`)."""
+
     def release_outer(self) -> None:
         """Drop the outer part's weights (lazy) or move it back to the CPU (in memory)."""
         raise NotImplementedError
@@ -346,6 +349,14 @@ class LazySource(WeightSource):
         finally:
             for h in handles:
                 h.remove()
+
+    def load_modules(self, names: list[str], *, original: bool = False) -> None:
+        wanted = set()
+        for name in names:
+            module = self.model.get_submodule(name)
+            wanted |= {f"{name}.{n}" for n, _ in _named_tensors(module)}
+        if wanted:
+            self._load(wanted, original=original)
 
     def release_outer(self) -> None:
         outer = self._outer_names()
