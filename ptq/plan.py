@@ -8,7 +8,7 @@ mixed-precision allocation is just a plan whose layers carry different formats.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 PLAN_VERSION = 1
 SUPPORTED_KINDS = ("linear", "conv1d_hf")
 """Layer kinds ``build_plan`` plans by default: those every exporter writes."""
+IN_MEMORY_KINDS = (*SUPPORTED_KINDS, "conv2d", "conv1d")
+"""Layer kinds the weight passes quantize (a model kept in memory: convolutions too)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -156,6 +158,7 @@ def build_plan(
     scheme: Scheme,
     method: str = "rtn",
     supported_kinds: tuple[str, ...] = SUPPORTED_KINDS,
+    example_inputs: tuple[Any, ...] | Mapping[str, Any] | None = None,
 ) -> QuantPlan:
     """Discover quantizable layers on the captured graph and resolve each one's format.
 
@@ -163,6 +166,10 @@ def build_plan(
     first split into per-expert Linears (:func:`~ptq.frontend.experts.unfuse_experts`,
     in place); routers stay in high precision. Layers the front end finds but no weight
     pass handles are listed in ``skipped`` with the reason, never silently dropped.
+
+    ``supported_kinds``: what to plan (default: the layers the output writers handle;
+    :data:`IN_MEMORY_KINDS` adds convolutions for a model kept in memory).
+    ``example_inputs``: inputs for capture (default: a token batch for a transformers LM).
 
     Raises:
         ValueError: An explicit group size does not divide some layers (all named).
@@ -175,7 +182,7 @@ def build_plan(
     plan = QuantPlan(scheme=scheme)
     errors: list[str] = []
     ceilinged: dict[int, list[str]] = {}
-    found = discover(model)
+    found = discover(model, example_inputs=example_inputs)
     plan.skipped.update(found.skipped)
     plan.notes.extend(found.notes)
     if found.capture is not None:
@@ -191,7 +198,10 @@ def build_plan(
             plan.skipped[op.name] = "ignored"
             continue
         if op.kind not in supported_kinds:
-            plan.skipped[op.name] = f"not quantized: no weight pass handles {op.kind} layers yet"
+            plan.skipped[op.name] = (
+                f"not quantized: {op.kind} layers have no compressed-tensors layout (a model "
+                "quantized in memory, ptq.quantize(module, ...), quantizes them)"
+            )
             continue
         try:
             fmt = scheme.weight_format_for(op.name, op.in_features)
