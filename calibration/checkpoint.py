@@ -123,8 +123,6 @@ class Checkpointer:
         """Write the ``streams`` (one tensor at a time) into a new folder, then ``state``
         (atomically), then drop the previous checkpoint's streams."""
         if not self.enabled:
-            for _ in streams:
-                pass
             return
         self.work.mkdir(parents=True, exist_ok=True)
         folder_name = f"streams-{int(state['next_block']):05d}"

@@ -46,8 +46,6 @@ from ptq.plan import QuantPlan, build_plan
 from ptq.scheme import Scheme, get_scheme
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from ptq.calibration.distributed import DistributedContext
     from ptq.calibration.runner import Writer
     from ptq.models.weight_source import WeightSource
@@ -358,8 +356,9 @@ def _quantize(
             offload=offload,
             checkpoint=ckpt,
             writer=writer,
+            work=work,
         ),
-        transformed=functools.partial(_transformed_folder, work, skeleton, dev),
+        transformed=_TransformedFolder(work, skeleton, dev, lazy.dtype),
     )
     result = QuantizeResult(model=None, plan=plan, output=out, records=ctx.records)
     result.fp_ppl, result.quant_ppl = outcome.perplexities()
@@ -401,28 +400,37 @@ def _offload_folder(
     return None
 
 
-def _transformed_folder(
-    work: Path, skeleton: nn.Module, device: torch.device, passes: Sequence[Pass]
-) -> tuple[Writer, Callable[[], WeightSource]]:
-    """Where a run split in two sweeps (bit allocation) keeps the transformed FP weights:
-    ``work/transformed``, read back block by block by the second sweep."""
-    from ptq.calibration.runner import flatten
-    from ptq.exporters.safetensors_export import TensorsWriter
-    from ptq.exporters.shard_writer import ShardWriter
-    from ptq.models.weight_source import LazySource
+@dataclass
+class _TransformedFolder:
+    """``work/transformed``: the FP weights after the passes before a bit allocation,
+    read back block by block by the second sweep."""
 
-    for p in flatten(passes):
-        if getattr(getattr(p, "config", None), "online_down_proj", False):
-            raise PtqUsageError(
-                "an online down_proj Hadamard changes the blocks' structure, which the "
-                "transformed weights before a bit allocation cannot keep; drop one of them"
-            )
-    folder, spool = work / "transformed", work / "transformed-spool"
-    for d in (folder, spool):
-        shutil.rmtree(d, ignore_errors=True)
-    spool.mkdir(parents=True)
-    writer = TensorsWriter(ShardWriter(spool), folder)
-    return writer, functools.partial(LazySource, folder, skeleton, device)
+    work: Path
+    skeleton: nn.Module
+    device: torch.device
+    dtype: torch.dtype | None
+
+    def writer(self, passes: Sequence[Pass]) -> Writer:
+        from ptq.calibration.runner import flatten
+        from ptq.exporters.safetensors_export import TensorsWriter
+        from ptq.exporters.shard_writer import ShardWriter
+
+        for p in flatten(passes):
+            if getattr(getattr(p, "config", None), "online_down_proj", False):
+                raise PtqUsageError(
+                    "an online down_proj Hadamard changes the blocks' structure, which the "
+                    "transformed weights before a bit allocation cannot keep; drop one of them"
+                )
+        folder, spool = self.work / "transformed", self.work / "transformed-spool"
+        for d in (folder, spool):
+            shutil.rmtree(d, ignore_errors=True)
+        spool.mkdir(parents=True)
+        return TensorsWriter(ShardWriter(spool), folder)
+
+    def open(self) -> WeightSource:
+        from ptq.models.weight_source import LazySource
+
+        return LazySource(self.work / "transformed", self.skeleton, self.device, self.dtype)
 
 
 def _plan_lazily(source: WeightSource, scheme: Scheme, log: Any) -> QuantPlan:

@@ -173,7 +173,13 @@ def _transform_lazily(folder: Path, passes: list[Any], calib: torch.Tensor, out:
     spool.mkdir()
     writer = TensorsWriter(ShardWriter(spool), out)
     ctx = PassContext(calibration=calib, progress=False)
-    run_passes(lazy, QuantState(model=skeleton, plan=plan), passes, ctx, RunSettings(writer=writer))
+    run_passes(
+        lazy,
+        QuantState(model=skeleton, plan=plan),
+        passes,
+        ctx,
+        RunSettings(writer=writer, work=spool),
+    )
     writer.close()
     config = dict(source.config, tie_word_embeddings=skeleton.config.tie_word_embeddings)
     (out / "config.json").write_text(json.dumps(config))
