@@ -2,7 +2,7 @@
 
 ``PtqError`` is the base of every error ptq raises on purpose. The CLI prints its
 message (one line that names the file, layer or option and the fix) and exits with
-code 2 instead of showing a traceback (DESIGN.md, invariant 6).
+code 2 instead of showing a traceback (docs/invariants.md, invariant 6).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Pack a :class:`ptq.formats.QTensor` into the compressed-tensors layouts the kernels read.
 
 One :class:`PackedWeight` per quantized Linear: the format name, the tensors under their
-compressed-tensors names and the group size (REFERENCE.md section 3; LAYOUT.md).
+compressed-tensors names and the group size (docs/layouts.md; LAYOUT.md).
 """
 
 from __future__ import annotations

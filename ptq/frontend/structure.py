@@ -1,7 +1,7 @@
 """The structural model of a network, read from its captured block graph.
 
 One :class:`ModelStructure` per run answers what the passes and exporters need to know
-about a model without guessing module names (DESIGN invariant 8, ``docs/structure.md``):
+about a model without guessing module names (``docs/invariants.md`` invariant 8, ``docs/structure.md``):
 
 * the repeated blocks (:func:`ptq.frontend.blocks.find_blocks`) and, per block
   structure, a :class:`BlockStructure` found on the captured graph of one
@@ -242,13 +242,6 @@ class ModelStructure:
         if self.block_path is None or i not in self.kinds:
             raise ValueError(f"the model has no block {i}")
         return self.blocks[self.kinds[i]].prefixed(self.block_prefix(i))
-
-    def block_of(self, name: str) -> BlockStructure | None:
-        """The (prefixed) structure of the block holding module ``name``, if any."""
-        if self.block_path is None or not name.startswith(self.block_path + "."):
-            return None
-        index = name[len(self.block_path) + 1 :].split(".", 1)[0]
-        return self.block(int(index)) if index.isdigit() else None
 
     def all_blocks(self) -> list[BlockStructure]:
         return [self.block(i) for i in sorted(self.kinds)]
