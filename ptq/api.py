@@ -251,6 +251,24 @@ def _quantize_module(
     return result
 
 
+def _check_written(folder: Path) -> None:
+    """The values check of ``ptq verify`` (:func:`ptq.verify.check_tensor_values`) on the
+    output before it is renamed into place: no NaN/Inf, no all-zero weight or scale (a tied
+    head written from an unloaded embedding, say) ever reaches the user's folder.
+
+    Raises:
+        PtqPassError: A tensor failed the check (named); nothing is written.
+    """
+    from ptq.errors import PtqPassError
+    from ptq.io.safetensors_reader import SafetensorsIndex
+    from ptq.verify import check_tensor_values
+
+    try:
+        check_tensor_values(SafetensorsIndex(folder))
+    except PtqInputError as exc:
+        raise PtqPassError(f"the output failed its own check, nothing was written: {exc}") from None
+
+
 def _silent(*_args: Any, **_kwargs: Any) -> None:
     """``log`` of ranks other than 0."""
 
@@ -368,6 +386,7 @@ def _quantize(
     if main and writer is not None:
         with atomic_output_dir(out, overwrite) as tmp:
             writer.finish(tmp, outcome.quantized, ctx.records)
+            _check_written(tmp)
         shutil.rmtree(work, ignore_errors=True)
         log(f"wrote {out}")
     if offload is not None:

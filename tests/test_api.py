@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -73,3 +74,28 @@ def test_efficientnet_lite0_through_quantize(method: str) -> None:
     cos = nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0)
     # INT8 per channel; GPTQ fitted to 4 noise images drifts a little more than RTN
     assert cos > (0.99 if method == "rtn" else 0.97)
+
+
+def test_an_all_zero_tied_head_is_never_written(
+    tmp_path: Path, text_file: Path, run_cli: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Gemma 2 ties its head to the embeddings; were the embedding written as zeros (the
+    bug this guards against), the command fails naming it and writes nothing."""
+    from conftest import make_tiny_model
+
+    from ptq.exporters.safetensors_export import CompressedTensorsOutput
+
+    folder = make_tiny_model(tmp_path / "gemma2", "gemma2")
+    stored = CompressedTensorsOutput.stored
+
+    def zero_embedding(self: CompressedTensorsOutput, name: str, t: torch.Tensor) -> None:
+        stored(self, name, torch.zeros_like(t) if "embed_tokens" in name else t)
+
+    monkeypatch.setattr(CompressedTensorsOutput, "stored", zero_embedding)
+    out = tmp_path / "out"
+    calib = ("--calib", str(text_file), "--calib-samples", "2", "--calib-seqlen", "16", "-q")
+    r = run_cli("quantize", str(folder), "--w4a16", *calib, "-o", str(out))
+    assert r.exit_code == 2
+    assert "tensor 'model.embed_tokens.weight' is all zeros" in r.output
+    assert "nothing was written" in r.output
+    assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))

@@ -110,6 +110,9 @@ def _check_output(out: Path, fp: torch.Tensor, text: Path, run_cli: Run) -> floa
             assert torch.equal(_decompress(group["format"], local, group), layer.weight), name
             checked += 1
     assert checked == len(plan["layers"])
+    head = model.get_output_embeddings().weight  # tied (Gemma 2/3, Llama here) or not
+    zero_rows = int((head == 0).all(dim=1).sum())  # the padding token's, at most
+    assert zero_rows <= 1, f"the LM head has {zero_rows} all-zero rows"
     with torch.no_grad():
         logits = model(input_ids=_ids()).logits
     r = run_cli(
