@@ -21,7 +21,8 @@ from typing import Any
 import pytest
 import torch
 from conftest import make_tiny_model
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from tiny_archs import random_norms
 
 from ptq.models.quantized_loader import load_quantized_model
 from ptq.models.source import load_fp_model, resolve_model
@@ -41,26 +42,10 @@ ERROR_BOUND = 0.5  # relative logits error of a 4-bit tiny random model; observe
 Run = Callable[..., Any]
 
 
-def _random_norms(folder: Path) -> Path:
-    """Draw the folder's norm scales (and LayerNorm biases) away from their init, so
-    folding them into the weights matters."""
-    path = folder / "model.safetensors"
-    tensors = load_file(str(path))
-    gen = torch.Generator().manual_seed(1)
-    for name, t in tensors.items():
-        if t.dim() == 1 and ("norm" in name or ".ln_" in name or name.startswith("ln_")):
-            if name.endswith("weight"):
-                tensors[name] = torch.rand(t.shape, generator=gen) + 0.5
-            else:
-                tensors[name] = 0.1 * torch.randn(t.shape, generator=gen)
-    save_file(tensors, str(path), metadata={"format": "pt"})
-    return folder
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("archs")
-    return {a: _random_norms(make_tiny_model(root / a, a)) for a in ARCHS}
+    return {a: random_norms(make_tiny_model(root / a, a)) for a in ARCHS}
 
 
 def _ids() -> torch.Tensor:

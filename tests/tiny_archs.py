@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -55,3 +56,21 @@ def tiny_model(arch: str, seed: int = 0, **overrides: Any) -> nn.Module:
     torch.manual_seed(seed)
     cls = AutoModel if arch == "bert" else AutoModelForCausalLM
     return cls.from_config(tiny_config(arch, **overrides), dtype=torch.float32).eval()
+
+
+def random_norms(folder: Path) -> Path:
+    """Draw a model folder's norm scales (and LayerNorm biases) away from their init, so
+    folding them into the weights matters."""
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "model.safetensors"
+    tensors = load_file(str(path))
+    gen = torch.Generator().manual_seed(1)
+    for name, t in tensors.items():
+        if t.dim() == 1 and ("norm" in name or ".ln_" in name or name.startswith("ln_")):
+            if name.endswith("weight"):
+                tensors[name] = torch.rand(t.shape, generator=gen) + 0.5
+            else:
+                tensors[name] = 0.1 * torch.randn(t.shape, generator=gen)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return folder
