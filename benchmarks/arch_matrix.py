@@ -84,8 +84,7 @@ def cell(folder: Path, flags: tuple[str, ...], calib: list[str], out: Path) -> s
 
 
 def matrix(work: Path, calib: list[str]) -> list[str]:
-    from conftest import make_tiny_model
-    from tiny_archs import random_norms
+    from tiny_archs import make_tiny_model, random_norms
 
     lines = [
         "| architecture | " + " | ".join(PIPELINES) + " |",
@@ -131,7 +130,7 @@ def routed_counts(folder: Path, tokens: torch.Tensor, experts: int) -> list[list
 
 
 def moe(work: Path, calib: list[str], text: Path, samples: int, seqlen: int) -> list[str]:
-    from conftest import make_tiny_model
+    from tiny_archs import make_tiny_model
 
     from ptq.calibration.text import calibration_batches
     from ptq.models.source import load_tokenizer, resolve_model
@@ -178,7 +177,7 @@ def moe(work: Path, calib: list[str], text: Path, samples: int, seqlen: int) -> 
 
 
 def main() -> None:
-    from conftest import synthetic_text
+    from tiny_archs import synthetic_text
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/ptq-arch-matrix"))

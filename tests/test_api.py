@@ -81,7 +81,7 @@ def test_an_all_zero_tied_head_is_never_written(
 ) -> None:
     """Gemma 2 ties its head to the embeddings; were the embedding written as zeros (the
     bug this guards against), the command fails naming it and writes nothing."""
-    from conftest import make_tiny_model
+    from tiny_archs import make_tiny_model
 
     from ptq.exporters.safetensors_export import CompressedTensorsOutput
 

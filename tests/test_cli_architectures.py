@@ -20,9 +20,8 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import make_tiny_model
 from safetensors.torch import load_file
-from tiny_archs import random_norms
+from tiny_archs import make_tiny_model, random_norms
 
 from ptq.models.quantized_loader import load_quantized_model
 from ptq.models.source import load_fp_model, resolve_model

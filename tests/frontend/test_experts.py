@@ -9,9 +9,8 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import make_tiny_model
 from safetensors.torch import load_file
-from tiny_archs import tiny_model
+from tiny_archs import make_tiny_model, tiny_model
 from torch import nn
 
 from ptq.errors import PtqInputError
