@@ -20,20 +20,19 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ptq.exporters.vllm_oracle import VllmError, VllmOracle, find_vllm_python
+from ptq.exporters.vllm_oracle import VllmError, VllmOracle
 from ptq.exporters.vllm_support import CPU, layer_verdict
 from ptq.models.quantized_loader import load_quantized_model
 from ptq.plan import QuantPlan
 
 pytestmark = pytest.mark.vllm
-ROOT = Path(__file__).resolve().parents[2]
 
 # (CLI flags, mean |d log p| bound, max bound) on the tiny model
 SERVED = {
@@ -57,15 +56,6 @@ REFUSED = {
     "lorc": ["--w4a16", "--lorc", "4", "--target", "ptq"],
     "kv_int8": ["--w4a16", "--kv-cache", "int8", "--target", "ptq"],
 }
-
-
-@pytest.fixture(scope="module")
-def oracle() -> Iterator[VllmOracle]:
-    python = find_vllm_python([ROOT / ".venv-vllm/bin/python"])
-    if python is None:
-        pytest.skip("no vLLM environment (make setup builds .venv-vllm on x86-64 Linux)")
-    with VllmOracle(python) as o:
-        yield o
 
 
 @pytest.fixture(scope="module")
@@ -178,30 +168,3 @@ def test_smollm2_perplexity_matches_under_vllm(
     nll = [-lp for row in oracle.prompt_logprobs(windows) for lp in row]
     served = float(torch.tensor(nll).mean().exp())
     assert abs(served / ours - 1) < 0.01, (served, ours)
-
-
-@pytest.mark.parametrize("scheme", ["w4a16", "w8a8", "fp8"])
-def test_vllm_cpu_reaches_the_moe_kernels_and_has_none(
-    oracle: VllmOracle, tmp_path: Path, tiny_model_factory: Callable[..., Path], scheme: str
-) -> None:
-    """A Mixtral with every expert quantized (GPTQ, router kept dense): vLLM's CPU build
-    reads the config and the per-expert weight names as far as choosing a MoE kernel,
-    and has none for any quantized scheme; ptq's closing line says so (CUDA only)."""
-    from click.testing import CliRunner
-    from tiny_archs import ARCHS
-
-    from ptq.cli import main
-
-    folder = tiny_model_factory(
-        tmp_path / "mixtral",
-        "mixtral",
-        **{**ARCHS["mixtral"], "hidden_size": 128, "intermediate_size": 256},
-    )
-    oracle.load(folder, max_model_len=128)  # the FP model is served
-    out = tmp_path / scheme
-    args = ["quantize", str(folder), f"--{scheme}", "--method", "gptq", "-o", str(out)]
-    r = CliRunner().invoke(main, [*args, "--calib-samples", "2", "--calib-seqlen", "32"])
-    assert r.exit_code == 0, r.output
-    assert "vLLM (CUDA only: its CPU build has no quantized mixture-of-experts" in r.output
-    with pytest.raises(VllmError, match="MoE backend"):
-        oracle.load(out, max_model_len=128)
