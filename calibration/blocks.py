@@ -1,6 +1,7 @@
-"""Find the repeated decoder blocks of a transformer and capture their inputs.
+"""Capture the inputs of a transformer's first block and run blocks on them.
 
-Block-wise calibration needs the ``ModuleList`` of blocks and the exact positional and
+Block-wise calibration needs the ``ModuleList`` of blocks (found by
+:func:`ptq.frontend.blocks.find_blocks`) and the exact positional and
 keyword arguments block 0 receives (hidden states, rotary embeddings, masks); those
 kwargs are the same for every block, so later blocks reuse them with new hidden states.
 """
@@ -15,29 +16,6 @@ from typing import Any
 
 import torch
 from torch import nn
-
-BLOCK_PATHS = (
-    "model.layers",
-    "model.decoder.layers",
-    "transformer.h",
-    "model.language_model.layers",
-    "gpt_neox.layers",
-    "encoder.layer",
-    "bert.encoder.layer",
-    "layers",
-)
-
-
-def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
-    """The dotted path and ``ModuleList`` of the model's repeated blocks, if any."""
-    for path in BLOCK_PATHS:
-        try:
-            mod = model.get_submodule(path)
-        except AttributeError:
-            continue
-        if isinstance(mod, nn.ModuleList) and len(mod) > 0:
-            return path, mod
-    return None
 
 
 class StopForward(Exception):

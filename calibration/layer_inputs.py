@@ -44,11 +44,6 @@ class LayerGeometry:
     in_features: int
     groups: int = 1
 
-    @property
-    def row_width(self) -> int:
-        """Width of one input row (all groups)."""
-        return self.in_features * self.groups
-
 
 def geometry(module: nn.Module) -> LayerGeometry:
     """The :class:`LayerGeometry` of a Linear, HF ``Conv1D`` or ``nn.Conv1d/2d``.

@@ -47,6 +47,8 @@ from ptq.calibration.checkpoint import Checkpointer
 from ptq.calibration.stages import split_calibration
 from ptq.calibration.streams import Stream
 from ptq.calibration.units import Unit, block_forward, replayed_forward
+from ptq.errors import PtqError, PtqPassError
+from ptq.frontend.experts import all_tokens
 from ptq.memory import release_freed
 from ptq.models.weight_source import OVERLAY_FILE, WeightSource
 from ptq.pipeline import Pass, PassContext, QuantState, check_contract
@@ -191,7 +193,12 @@ def run_passes(
     settings = settings or RunSettings()
     check_contract(passes, ctx.facts, ctx.history)
     for p in passes:
-        p.prepare(state, ctx)
+        try:
+            p.prepare(state, ctx)
+        except PtqError:
+            raise
+        except ValueError as exc:
+            raise PtqPassError(f"{p.name}: {exc}") from exc
     k = next((i for i, p in enumerate(passes) if p.decides), None)
     if k is None:
         outcome = UnitRunner(source, state, passes, ctx, settings).run()
@@ -248,13 +255,17 @@ class UnitRunner:
         return self.outcome
 
     def _run_passes(self, unit: Unit) -> None:
+        """Every pass on ``unit``; MoE experts see every token while passes gather
+        statistics (:func:`ptq.frontend.experts.all_tokens`), the routed mixture still
+        being the unit's output."""
         state = QuantState(self.state.model, self.state.plan, self.state.tokenizer, unit)
-        for p in self.passes:
-            start = time.perf_counter()
-            p.run_unit(state, self.ctx)
-            self.ctx.timings[p.name] = self.ctx.timings.get(p.name, 0.0) + (
-                time.perf_counter() - start
-            )
+        with all_tokens(unit.module):
+            for p in self.passes:
+                start = time.perf_counter()
+                p.run_unit(state, self.ctx)
+                self.ctx.timings[p.name] = self.ctx.timings.get(p.name, 0.0) + (
+                    time.perf_counter() - start
+                )
 
     def _batches(self) -> list[Any]:
         if self.ctx.calibration is None or not self.wants_calib:
@@ -337,6 +348,8 @@ class UnitRunner:
         with torch.no_grad(), self.source.outer_on_demand(original=self.source.lazy):
             if self._eval("eval_fp"):
                 self.streams["eval_fp"] = self._capture("eval_fp", windows)
+            needed = [m for p in self.passes for m in p.prologue_modules(self.state)]
+            self.source.load_modules(needed, original=self.source.lazy)
             for p in self.passes:
                 p.prologue(self.state, self.ctx)
             if batches:

@@ -3,7 +3,7 @@
 Maps ptq formats to compressed-tensors' ``QuantizationArgs`` fields (``num_bits``,
 ``type``, ``symmetric``, ``strategy``, ``group_size``, ``block_structure``, ``dynamic``)
 and groups layers with identical settings into ``config_groups`` whose ``targets`` are
-the layers' full module names (REFERENCE.md section 3).
+the layers' full module names (docs/layouts.md).
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ from ptq.exporters.manifest import write_manifest
 from ptq.exporters.shard_writer import ShardWriter
 from ptq.formats.ct_layout import ct_format_name, to_compressed_tensors
 from ptq.formats.ptq_layout import to_ptq_layout
+from ptq.models.checkpoint_names import CheckpointNames
 from ptq.plan import QuantPlan
 from ptq.qlinear import QuantLinear
 
@@ -142,6 +143,7 @@ class CompressedTensorsOutput(Writer):
         self.model = model
         self.source_dir = source_dir
         self.source_config = source_config
+        self.names = CheckpointNames.of(model)
 
     def _tied(self) -> bool:
         cfg = getattr(self.model, "config", None)
@@ -152,14 +154,12 @@ class CompressedTensorsOutput(Writer):
 
     def tensors(self, module: nn.Module, prefix: str, skip: str | None = None) -> None:
         for name, t in unit_tensors(module, prefix, skip):
-            if self._tied() and name == "lm_head.weight":
-                continue
-            if name not in self.shards:
-                self.shards.add(name, t)
+            self.stored(name, t)
 
     def stored(self, name: str, tensor: torch.Tensor) -> None:
         if self._tied() and name == "lm_head.weight":
             return
+        name = self.names.to_disk(name)
         if name not in self.shards:
             self.shards.add(name, tensor)
 
@@ -175,13 +175,14 @@ class CompressedTensorsOutput(Writer):
         Llama-family config switches biases per group, all or none."""
         flags: dict[str, bool] = {}
         for flag, part in BIAS_GROUPS.items():
-            members = [n for n in quantized if part in n]
+            members = [self.names.module_to_disk(n) for n in quantized if part in n]
             if not any(f"{n}.bias" in self.shards for n in members):
                 continue
             flags[flag] = True
             for n in members:
                 if f"{n}.bias" not in self.shards:
-                    self.shards.add(f"{n}.bias", torch.zeros(self.plan.layers[n].out_features))
+                    out_features = self.plan.layers[self.names.module_to_memory(n)].out_features
+                    self.shards.add(f"{n}.bias", torch.zeros(out_features))
         return flags
 
     def finish(self, out: Path, quantized: list[str], records: dict[str, Any] | None) -> None:
@@ -196,9 +197,11 @@ class CompressedTensorsOutput(Writer):
         )
         self.shards.finish(out, extra_bytes=extra)
         config = dict(self.source_config)
-        ignore = sorted(n for n in self.plan.skipped if _is_linear(self.model, n))
+        disk = self.plan.renamed(self.names.module_to_disk)
+        rename = self.names.module_to_disk
+        ignore = sorted(rename(n) for n in self.plan.skipped if _is_linear(self.model, n))
         config["quantization_config"] = build_quantization_config(
-            [self.plan.layers[n] for n in quantized], ignore
+            [disk.layers[rename(n)] for n in quantized], ignore
         )
         tied = self._tied()
         if "tie_word_embeddings" in self.source_config or not tied:
@@ -217,7 +220,7 @@ class CompressedTensorsOutput(Writer):
         for fname in COPIED_FILES:
             if (self.source_dir / fname).is_file():
                 shutil.copy2(self.source_dir / fname, out / fname)
-        (out / "ptq_plan.json").write_text(self.plan.to_json())
+        (out / "ptq_plan.json").write_text(disk.to_json())
         if records:
             (out / "ptq_records.json").write_text(json.dumps(records, indent=2, default=str))
         write_manifest(out)

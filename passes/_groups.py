@@ -1,68 +1,36 @@
-"""Llama-family structure read from the Hugging Face module tree.
+"""What the structural passes (SmoothQuant, rotation, KV cache) read from the structure.
 
-Smoothing and rotation need to know which linears read the output of which module:
-``input_layernorm -> {q,k,v}_proj``, ``post_attention_layernorm -> {gate,up}_proj``,
-``v_proj -> o_proj`` and ``up_proj -> down_proj``. A per-channel scale ``s`` on the
-readers' input can be folded into the producer (the norm weight, or the producer's
-rows) because each reader input channel is a copy of one producer output channel.
+Smoothing and rotation need to know which weights read the output of which module
+(``input_layernorm -> {q,k,v}_proj``, ``v_proj -> o_proj``, ``up_proj -> down_proj``,
+a MoE block's norm -> router + every expert): a per-channel scale ``s`` on the readers'
+input can be folded into the producer (the norm's weight, or the producer's rows)
+because each reader input channel is a copy of one producer output channel. These
+:class:`LinearGroup` come from the captured graph (:mod:`ptq.frontend.structure`),
+carried on the plan; :func:`structure_of` gives it to a pass (capturing an in-memory
+model when a plan was made without one).
 
-This is the one place that knows the layout; the FX pattern discovery in
-``ptq.frontend`` will replace :func:`llama_groups` and :func:`llama_residual`.
+:func:`weight_view` is every weight as ``[out, in]`` (GPT-2's ``Conv1D`` stores
+``[in, out]``; the view writes through to it), so folding code never asks the module type.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
 import torch
 from torch import nn
 
+from ptq.frontend.quantizable import is_hf_conv1d
+from ptq.frontend.structure import BlockStructure, LinearGroup, ModelStructure
+from ptq.pipeline import QuantState
 
-@dataclass(frozen=True)
-class LinearGroup:
-    """A producer and the linears that read its output.
-
-    Reader input channel ``c`` is producer channel ``map(c)``. With grouped-query
-    attention ``o_proj`` reads ``num_heads`` heads of which each block of ``n_rep``
-    shares one ``v_proj`` head: ``map(h * head_dim + d) = (h // n_rep) * head_dim + d``.
-
-    Attributes:
-        producer: Module name of the norm or linear whose output is read.
-        kind: ``norm`` (RMSNorm with a ``weight``) or ``linear``.
-        readers: Names of the linears reading the producer's output.
-        n_rep: Query heads per KV head (1 when channels map one to one).
-        head_dim: Channels per head (only used when ``n_rep > 1``).
-    """
-
-    producer: str
-    kind: Literal["norm", "linear"]
-    readers: tuple[str, ...]
-    n_rep: int = 1
-    head_dim: int = 1
-
-    def to_reader(self, s: torch.Tensor) -> torch.Tensor:
-        """Expand a producer-channel vector to the readers' input channels."""
-        if self.n_rep == 1:
-            return s
-        heads = s.reshape(-1, 1, self.head_dim).expand(-1, self.n_rep, self.head_dim)
-        return heads.reshape(-1)
-
-    def to_producer(self, v: torch.Tensor) -> torch.Tensor:
-        """Reduce a reader-channel statistic to producer channels by ``max``."""
-        if self.n_rep == 1:
-            return v
-        return v.reshape(-1, self.n_rep, self.head_dim).amax(dim=1).reshape(-1)
-
-
-@dataclass(frozen=True)
-class Residual:
-    """The residual stream of a Llama model: what rotation touches besides the blocks."""
-
-    embed: str
-    final_norm: str
-    head: str
-    layers: tuple[str, ...]
+__all__ = [
+    "LinearGroup",
+    "bias_of",
+    "block_structure",
+    "child",
+    "structure_of",
+    "tensor_attr",
+    "weight_view",
+]
 
 
 def tensor_attr(module: nn.Module, name: str) -> torch.Tensor:
@@ -85,76 +53,50 @@ def child(module: nn.Module, name: str) -> nn.Module:
     return m
 
 
-def _layers(inner: nn.Module) -> nn.ModuleList:
-    layers = getattr(inner, "layers", None)
-    assert isinstance(layers, nn.ModuleList)
-    return layers
-
-
-def _decoder(model: nn.Module) -> tuple[str, nn.Module]:
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if inner is None or not isinstance(layers, nn.ModuleList):
-        raise ValueError(
-            f"{type(model).__name__} is not a Llama-family causal LM "
-            "(expected model.model.layers); smoothing/rotation support only that layout"
-        )
-    return "model", inner
-
-
-def llama_groups(model: nn.Module) -> list[LinearGroup]:
-    """The four producer -> readers groups of every decoder layer, in forward order.
+def weight_view(module: nn.Module) -> torch.Tensor:
+    """The module's 2-D weight as an ``[out, in]`` view (writes reach the parameter).
 
     Raises:
-        ValueError: The model does not have the Llama module layout.
+        ValueError: No 2-D ``weight``.
     """
-    _, inner = _decoder(model)
-    config = getattr(model, "config", None)
-    heads = int(getattr(config, "num_attention_heads", 1))
-    kv_heads = int(getattr(config, "num_key_value_heads", heads) or heads)
-    groups: list[LinearGroup] = []
-    for i, layer in enumerate(_layers(inner)):
-        p = f"model.layers.{i}"
-        for part in ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp"):
-            if not hasattr(layer, part):
-                raise ValueError(f"{p} has no {part}: not a Llama-family decoder layer")
-        attn = child(layer, "self_attn")
-        o_in = int(tensor_attr(child(attn, "o_proj"), "weight").shape[1])
-        head_dim = int(getattr(attn, "head_dim", o_in // heads))
-        groups += [
-            LinearGroup(
-                f"{p}.input_layernorm",
-                "norm",
-                tuple(f"{p}.self_attn.{n}_proj" for n in "qkv"),
-            ),
-            LinearGroup(
-                f"{p}.self_attn.v_proj",
-                "linear",
-                (f"{p}.self_attn.o_proj",),
-                n_rep=heads // kv_heads,
-                head_dim=head_dim,
-            ),
-            LinearGroup(
-                f"{p}.post_attention_layernorm",
-                "norm",
-                (f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"),
-            ),
-            LinearGroup(f"{p}.mlp.up_proj", "linear", (f"{p}.mlp.down_proj",)),
-        ]
-    return groups
+    w = tensor_attr(module, "weight")
+    if w.dim() != 2:
+        raise ValueError(f"{type(module).__name__}.weight is {w.dim()}-D, not a matrix")
+    return w.t() if is_hf_conv1d(module) else w
 
 
-def llama_residual(model: nn.Module) -> Residual:
-    """Embedding, final norm, LM head and decoder layer names of a Llama model."""
-    _, inner = _decoder(model)
-    if not hasattr(inner, "embed_tokens") or not hasattr(inner, "norm"):
-        raise ValueError("model.model lacks embed_tokens/norm: not a Llama-family model")
-    if not isinstance(getattr(model, "lm_head", None), nn.Linear):
-        raise ValueError("model has no nn.Linear lm_head: not a Llama-family causal LM")
-    n = len(_layers(inner))
-    return Residual(
-        embed="model.embed_tokens",
-        final_norm="model.norm",
-        head="lm_head",
-        layers=tuple(f"model.layers.{i}" for i in range(n)),
-    )
+def bias_of(module: nn.Module) -> torch.Tensor | None:
+    """The module's bias, or None."""
+    b = getattr(module, "bias", None)
+    return b if isinstance(b, torch.Tensor) else None
+
+
+def structure_of(state: QuantState) -> ModelStructure:
+    """The run's structural model: the plan's, or captured now from an in-memory model.
+
+    Raises:
+        ValueError: The plan has none and the model's weights are not loaded (a lazily
+            read model must be planned with :func:`ptq.plan.build_plan` first).
+    """
+    if state.plan.structure is not None:
+        return state.plan.structure
+    if any(p.is_meta for p in state.model.parameters()):
+        raise ValueError(
+            "the plan carries no model structure and the model's weights are not loaded; "
+            "build the plan with ptq.plan.build_plan on the loaded blocks"
+        )
+    from ptq.frontend.analyse import model_structure
+    from ptq.frontend.capture import capture
+    from ptq.frontend.experts import all_tokens
+
+    with all_tokens(state.model):
+        cap = capture(state.model)
+    state.plan.structure = model_structure(state.model, cap)
+    return state.plan.structure
+
+
+def block_structure(state: QuantState) -> BlockStructure:
+    """The current block unit's structure (full names)."""
+    unit = state.unit
+    assert unit is not None and unit.kind == "block"
+    return structure_of(state).block(unit.index)

@@ -115,17 +115,6 @@ def output_moments(
     return moments
 
 
-def output_bias_shift(
-    model: nn.Module,
-    fp_weights: dict[str, torch.Tensor],
-    fp_biases: dict[str, torch.Tensor | None],
-    forwards: Sequence[Callable[[], Any]],
-) -> dict[str, torch.Tensor]:
-    """``mean_x (y_fp(x) - layer(x))`` [out] for each named quantized layer."""
-    fp = {n: (w, fp_biases.get(n)) for n, w in fp_weights.items()}
-    return {n: m.shift() for n, m in output_moments(model, fp, forwards).items()}
-
-
 def gain_blocker(module: QuantLayer) -> str | None:
     """Why a per-output-channel gain cannot be folded into ``module``'s scales, or None."""
     q = module.qweight

@@ -136,4 +136,7 @@ class GPTQPass(LayerwisePass):
             deq = dequantize(qt)
             record["fallback"] = "rtn"
         record["rel_output_error"] = output_error(w, deq, stats.input_rows(), geo.groups)
+        rows = getattr(stats.hessian, "nsamples", None)
+        if isinstance(rows, int):
+            record["calibration_rows"] = rows
         return qt, None, record

@@ -10,14 +10,20 @@ gives a scale that never clips post-RoPE keys, although it is observed on ``k_pr
 The scales of block ``i`` are calibrated on the calibration stream entering it (the
 already quantized earlier blocks, KV quantization included), one block at a time.
 
-Emulation: a :class:`KVFakeQuant` child (``self_attn.k_quant`` / ``v_quant``) is applied
-to ``k_proj``/``v_proj`` outputs by a forward hook (before RoPE for keys: an
+Where keys and values leave for the cache comes from the captured graph
+(:class:`~ptq.frontend.structure.Attention`): ``k_proj``/``v_proj``, the k and v rows of
+a fused ``qkv_proj`` (Phi-3, GPT-2), or a key norm (Qwen3, Gemma 3: keys are cached
+after it). The RoPE bound is used only where the graph shows RoPE on the keys.
+
+Emulation: a :class:`KVFakeQuant` child (``<attention>.k_quant`` / ``v_quant``) is
+applied to those outputs (their rows) by a forward hook (before RoPE for keys: an
 approximation of the runtime's post-RoPE rounding with the same scale).
 :func:`kv_cache_scales` returns the tensors to export.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -26,7 +32,8 @@ from torch import nn
 
 from ptq.activation import fake_quantize_activation
 from ptq.formats import FP8_E4M3, INT8, ElementFormat
-from ptq.passes._groups import child, tensor_attr
+from ptq.frontend.structure import Attention, CachePoint, ModelStructure
+from ptq.passes._groups import block_structure, structure_of, tensor_attr
 from ptq.pipeline import Pass, PassContext, QuantState
 from ptq.scheme import ActivationScheme
 
@@ -77,17 +84,29 @@ class KVCacheConfig:
             )
 
 
-def _install(attn: nn.Module, proj: str, quant: KVFakeQuant) -> None:
-    setattr(attn, f"{proj[0]}_quant", quant)
+def _rows(y: torch.Tensor, rows: tuple[int, int] | None) -> torch.Tensor:
+    return y if rows is None else y[..., rows[0] : rows[1]]
+
+
+def _install(
+    attn: nn.Module, which: str, module: nn.Module, point: CachePoint, quant: KVFakeQuant
+) -> None:
+    """Make ``quant`` the ``{which}_quant`` child of ``attn``, applied to ``point``'s output."""
+    setattr(attn, f"{which}_quant", quant)
+    rows = point.rows
 
     def hook(_m: nn.Module, _args: tuple[Any, ...], y: torch.Tensor) -> torch.Tensor:
-        return quant(y)
+        if rows is None:
+            return quant(y)
+        out = y.clone()
+        out[..., rows[0] : rows[1]] = quant(y[..., rows[0] : rows[1]])
+        return out
 
-    quant.handle = getattr(attn, proj).register_forward_hook(hook)
+    quant.handle = module.register_forward_hook(hook)
 
 
 class KVCachePass(Pass):
-    """Calibrate per-layer ``k_scale``/``v_scale`` and fake-quantize k/v projections."""
+    """Calibrate per-layer ``k_scale``/``v_scale`` and fake-quantize the cached k/v."""
 
     name: ClassVar[str] = "kv_cache"
     requires: ClassVar[tuple[str, ...]] = ("weights_quantized",)
@@ -97,6 +116,11 @@ class KVCachePass(Pass):
     def __init__(self, config: KVCacheConfig | None = None) -> None:
         self.config = config or KVCacheConfig()
 
+    def prepare(self, state: QuantState, ctx: PassContext) -> None:
+        s = structure_of(state)
+        if s.block_path is None or not any(b.attention for b in s.blocks.values()):
+            raise ValueError("kv_cache: the captured graph shows no attention in the blocks")
+
     def run_unit(self, state: QuantState, ctx: PassContext) -> None:
         unit = state.unit
         assert unit is not None
@@ -104,44 +128,50 @@ class KVCachePass(Pass):
             return
         if ctx.calibration is None:
             raise ValueError("kv_cache needs calibration tokens (ctx.calibration is None)")
-        attn = child(unit.module, "self_attn")
-        where = f"{unit.prefix}self_attn"
-        if hasattr(attn, "k_quant"):
-            raise ValueError(f"{where} already has KV-cache quantization")
-        kv_heads = int(getattr(state.model.config, "num_key_value_heads", 1))
-        head_dim = int(getattr(attn, "head_dim", 0)) or int(
-            tensor_attr(child(attn, "k_proj"), "weight").shape[0] // kv_heads
-        )
+        model = state.model
+        for attn in block_structure(state).attention:
+            self._calibrate(model, attn, unit.forwards(), ctx)
+
+    def _calibrate(
+        self, model: nn.Module, attn: Attention, forwards: list[Callable[[], Any]], ctx: PassContext
+    ) -> None:
+        module = model.get_submodule(attn.module)
+        if hasattr(module, "k_quant"):
+            raise ValueError(f"{attn.module} already has KV-cache quantization")
         ranges: dict[str, torch.Tensor] = {}
         handles = []
-        for proj in ("k_proj", "v_proj"):
-            rope = proj == "k_proj" and self.config.rope_safe
+        points = {"k": attn.key, "v": attn.value}
+        for which, point in points.items():
+            rope = which == "k" and self.config.rope_safe and attn.rotary
 
             def hook(
                 _m: nn.Module,
                 _a: tuple[Any, ...],
                 y: torch.Tensor,
-                key: str = proj,
+                key: str = which,
                 rope: bool = rope,
+                rows: tuple[int, int] | None = point.rows,
             ) -> None:
-                r = rope_pair_absmax(y.detach(), head_dim) if rope else y.detach().abs().amax()
+                t = _rows(y.detach(), rows)
+                r = rope_pair_absmax(t, attn.head_dim) if rope else t.abs().amax()
                 ranges[key] = torch.maximum(ranges[key], r) if key in ranges else r.float()
 
-            handles.append(child(attn, proj).register_forward_hook(hook))
+            handles.append(model.get_submodule(point.module).register_forward_hook(hook))
         try:
             with torch.no_grad():
-                for forward in unit.forwards():
+                for forward in forwards:
                     forward()
         finally:
             for h in handles:
                 h.remove()
         qmax = _ELEMENTS[self.config.dtype].max_value
         record = ctx.records.setdefault("kv_cache", {"dtype": self.config.dtype, "scales": {}})
-        for proj in ("k_proj", "v_proj"):
-            r = ranges[proj]
+        for which, point in points.items():
+            r = ranges[which]
             scale = torch.where(r > 0, r / qmax, torch.ones_like(r))
-            _install(attn, proj, KVFakeQuant(self.config.dtype, scale))
-            record["scales"][f"{where}.{proj[0]}_scale"] = float(scale)
+            target = model.get_submodule(point.module)
+            _install(module, which, target, point, KVFakeQuant(self.config.dtype, scale))
+            record["scales"][f"{attn.module}.{which}_scale"] = float(scale)
 
 
 def kv_cache_scales(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -155,7 +185,7 @@ def kv_cache_scales(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def install_kv_cache_scales(
-    model: nn.Module, scales: dict[str, torch.Tensor], dtype: KVDtype
+    model: nn.Module, scales: dict[str, torch.Tensor], dtype: KVDtype, structure: ModelStructure
 ) -> None:
     """Re-install KV-cache fake quantization from exported scales (reloading an output).
 
@@ -163,17 +193,23 @@ def install_kv_cache_scales(
         model: The model the scales were exported from (same module names).
         scales: :func:`kv_cache_scales`' mapping, e.g. from the checkpoint.
         dtype: The cache element (``kv_cache_scheme`` of the config).
+        structure: ``model``'s structure (where keys and values are cached).
 
     Raises:
         ValueError: A scale names no attention module of ``model``.
     """
+    attentions = {a.module: a for b in structure.all_blocks() for a in b.attention}
     for key, scale in scales.items():
         attn_name, _, leaf = key.rpartition(".")
-        proj = {"k_scale": "k_proj", "v_scale": "v_proj"}.get(leaf)
-        try:
-            attn = model.get_submodule(attn_name)
-        except AttributeError:
-            attn = None
-        if proj is None or attn is None or not hasattr(attn, proj):
-            raise ValueError(f"KV-cache scale {key} names no attention k/v projection")
-        _install(attn, proj, KVFakeQuant(dtype, scale.float()))
+        attn = attentions.get(attn_name)
+        which = {"k_scale": "k", "v_scale": "v"}.get(leaf)
+        if which is None or attn is None:
+            raise ValueError(f"KV-cache scale {key} names no attention of the model")
+        point = attn.key if which == "k" else attn.value
+        _install(
+            model.get_submodule(attn_name),
+            which,
+            model.get_submodule(point.module),
+            point,
+            KVFakeQuant(dtype, scale.float()),
+        )

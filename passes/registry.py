@@ -7,7 +7,6 @@ from typing import Any
 from ptq.pipeline import Pass
 
 WEIGHT_METHODS = ("rtn", "gptq", "adaround", "adaquant", "zeroquant_fp")
-WRAPPER_PASSES = ("lorc", "bias_correction")
 
 
 def pass_table() -> dict[str, tuple[type, type]]:
@@ -20,6 +19,7 @@ def pass_table() -> dict[str, tuple[type, type]]:
         AdaRoundPassConfig,
     )
     from ptq.passes.bit_allocation import BitAllocationConfig, BitAllocationPass
+    from ptq.passes.fold_batch_norm import FoldBatchNormConfig, FoldBatchNormPass
     from ptq.passes.gptq import GPTQPass, GPTQPassConfig
     from ptq.passes.kv_cache import KVCacheConfig, KVCachePass
     from ptq.passes.rotation import RotationConfig, RotationPass
@@ -38,6 +38,7 @@ def pass_table() -> dict[str, tuple[type, type]]:
         "act_calibration": (ActCalibrationPass, ActCalibrationConfig),
         "kv_cache": (KVCachePass, KVCacheConfig),
         "bit_allocation": (BitAllocationPass, BitAllocationConfig),
+        "fold_batch_norm": (FoldBatchNormPass, FoldBatchNormConfig),
     }
 
 

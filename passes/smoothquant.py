@@ -1,13 +1,15 @@
 """SmoothQuant: migrate activation outliers into the weights (Xiao et al., 2023).
 
-For a producer -> readers group (:mod:`ptq.passes._groups`) with reader input ``X``
-and reader weights ``W``, the per-input-channel smoothing factor is
+For a producer -> readers group (:mod:`ptq.passes._groups`, from the captured graph)
+with reader input ``X`` and reader weights ``W``, the per-input-channel smoothing factor is
 
     s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)        (paper, eq. 4)
 
 and ``Y = (X diag(s)^-1)(diag(s) W^T)``: ``X' = X / s`` is folded into the producer
-(RMSNorm weight ``w <- w / s``, or a producer linear's rows ``W_p <- W_p / s``) and
-``W' = W diag(s)`` into every reader, so the FP model's outputs are unchanged.
+(a norm's effective scale ``w <- w / s``, ``1 + w`` for Gemma's norms, and a LayerNorm's
+bias ``b <- b / s``; or a producer's rows ``W_p <- W_p / s``, only the v or up rows of a
+fused ``qkv_proj``/``gate_up_proj``) and ``W' = W diag(s)`` into every reader (a MoE
+router included, which stays in high precision), so the FP model's outputs are unchanged.
 ``alpha`` is fixed, or searched per group on a grid minimising the readers' quantized
 output error ``sum_r ||X W_r^T - fq_a(X / s) fq_w(W_r diag(s))^T||^2`` under the plan's
 weight and activation formats, on a sample of calibration rows; the search also tries
@@ -34,7 +36,15 @@ from torch import nn
 
 from ptq.activation import fake_quantize_activation
 from ptq.formats import QuantFormat, fake_quantize
-from ptq.passes._groups import LinearGroup, llama_groups, tensor_attr
+from ptq.frontend.norms import norm_bias, norm_scale, set_norm_scale
+from ptq.frontend.structure import BlockStructure
+from ptq.passes._groups import (
+    LinearGroup,
+    bias_of,
+    block_structure,
+    structure_of,
+    weight_view,
+)
 from ptq.passes.act_calibration import observe_inputs
 from ptq.pipeline import Pass, PassContext, QuantState
 from ptq.scheme import ActivationScheme
@@ -108,27 +118,42 @@ def fold_smoothing(model: nn.Module, group: LinearGroup, s: torch.Tensor) -> Non
     producer = model.get_submodule(group.producer)
     sd = s.double()
     with torch.no_grad():
-        pw = tensor_attr(producer, "weight")
         if group.kind == "norm":
-            pw.copy_(pw.double() / sd)
+            set_norm_scale(producer, group.style, norm_scale(producer, group.style) / sd)
+            nb = norm_bias(producer)
+            if nb is not None:
+                nb.copy_(nb.double() / sd)
         else:
+            lo, hi = group.rows or (0, weight_view(producer).shape[0])
+            pw = weight_view(producer)[lo:hi]
             pw.copy_(pw.double() / sd[:, None])
-            if getattr(producer, "bias", None) is not None:
-                pb = tensor_attr(producer, "bias")
-                pb.copy_(pb.double() / sd)
+            pb = bias_of(producer)
+            if pb is not None:
+                pb[lo:hi].copy_(pb[lo:hi].double() / sd)
         sr = group.to_reader(sd)
         for name in group.readers:
-            w = tensor_attr(model.get_submodule(name), "weight")
+            w = weight_view(model.get_submodule(name))
             w.copy_(w.double() * sr[None, :])
 
 
-def _eligible(model: nn.Module, group: LinearGroup, cfg: SmoothQuantConfig) -> bool:
-    if group.kind == "linear" and group.producer.endswith("v_proj"):
-        return cfg.attn_v_o
-    if group.kind == "linear":
-        mlp = model.get_submodule(group.producer.rpartition(".")[0])
-        return cfg.mlp_up_down and not getattr(mlp, "online_hadamard", False)
-    return True
+def _has_online_hadamard(model: nn.Module, reader: str) -> bool:
+    return bool(getattr(model.get_submodule(reader.rpartition(".")[0]), "online_hadamard", False))
+
+
+def smoothing_groups(
+    block: BlockStructure, model: nn.Module, cfg: SmoothQuantConfig
+) -> list[LinearGroup]:
+    """The block's groups SmoothQuant folds (``cfg`` chooses v -> o and up -> down)."""
+    groups = list(block.norm_groups)
+    if cfg.attn_v_o:
+        groups += block.value_groups
+    if cfg.mlp_up_down:
+        groups += [
+            g
+            for g in block.gated_groups
+            if not any(_has_online_hadamard(model, r) for r in g.readers)
+        ]
+    return groups
 
 
 class SmoothQuantPass(Pass):
@@ -146,7 +171,8 @@ class SmoothQuantPass(Pass):
     def prepare(self, state: QuantState, ctx: PassContext) -> None:
         if ctx.calibration is None:
             raise ValueError("smoothquant needs calibration tokens (ctx.calibration is None)")
-        llama_groups(state.model)  # the layout check, before any weight is loaded
+        if structure_of(state).block_path is None:
+            raise ValueError("smoothquant needs a model with repeated blocks (a decoder LM)")
 
     def run_unit(self, state: QuantState, ctx: PassContext) -> None:
         unit = state.unit
@@ -157,10 +183,8 @@ class SmoothQuantPass(Pass):
         model = state.model
         groups = [
             g
-            for g in llama_groups(model)
-            if g.producer.startswith(unit.prefix)
-            and _eligible(model, g, cfg)
-            and any(r in state.plan.layers for r in g.readers)
+            for g in smoothing_groups(block_structure(state), model, cfg)
+            if any(r in state.plan.layers for r in g.readers)
         ]
         if not groups:
             return
@@ -181,9 +205,7 @@ class SmoothQuantPass(Pass):
         observe_inputs(model, list(first), [unit.run_fp], observe)
         chosen: dict[str, float | str] = {}
         for g in groups:
-            weights = [
-                tensor_attr(model.get_submodule(r), "weight").detach().float() for r in g.readers
-            ]
+            weights = [weight_view(model.get_submodule(r)).detach().float() for r in g.readers]
             w_absmax = g.to_producer(torch.stack([w.abs().amax(dim=0) for w in weights]).amax(0))
             x_absmax = g.to_producer(absmax[g.readers[0]])
             alpha: float | None = cfg.alpha

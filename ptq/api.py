@@ -7,9 +7,13 @@ block plus the calibration activations, and an interrupted run continues from it
 checkpoint when the same call is made again. Without ``output`` the model is loaded
 into memory, quantized the same way (block by block) and returned.
 
+An ``nn.Module`` (a CNN) is quantized in memory with its convolutions; batch-norms are
+folded into them first.
+
 Example:
     >>> import ptq
     >>> result = ptq.quantize("default", "w4a16", output="out", evaluate=True)
+    >>> cnn = ptq.quantize(net.eval(), "w8a16", calibration=[{"inputs": images}]).model
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import dataclasses
 import functools
 import shutil
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,8 +46,6 @@ from ptq.plan import QuantPlan, build_plan
 from ptq.scheme import Scheme, get_scheme
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
-
     from ptq.calibration.distributed import DistributedContext
     from ptq.calibration.runner import Writer
     from ptq.models.weight_source import WeightSource
@@ -96,12 +99,12 @@ def _as_scheme(scheme: Scheme | str) -> Scheme:
 
 
 def quantize(
-    model: str | Path | ModelSource,
+    model: str | Path | ModelSource | nn.Module,
     scheme: Scheme | str,
     *,
     output: str | Path | None = None,
     pipeline: Pipeline | list[Pass] | None = None,
-    calibration: CalibrationConfig | None = None,
+    calibration: CalibrationConfig | Sequence[Mapping[str, Any]] | None = None,
     evaluate: EvalConfig | bool = False,
     seed: int = 0,
     overwrite: bool = False,
@@ -118,7 +121,11 @@ def quantize(
     """Quantize ``model`` with ``scheme``; optionally evaluate and export.
 
     Args:
-        model: ``"default"``, a Hugging Face folder, a ``.gguf`` file or a resolved source.
+        model: ``"default"``, a Hugging Face folder, a ``.gguf`` file or a resolved source;
+            or an ``nn.Module`` (a CNN, an encoder), quantized in memory and returned:
+            ``calibration`` is then its list of input dicts (the first one is the capture's
+            example), convolutions are planned, and batch-norms are folded into the
+            convolutions first (:mod:`ptq.passes.fold_batch_norm`).
         scheme: A :class:`~ptq.scheme.Scheme` or a preset name (``w4a8`` ...).
         output: Folder for the compressed-tensors checkpoint (written atomically). Given,
             the model is read block by block and never loaded whole.
@@ -148,13 +155,22 @@ def quantize(
     """
     from ptq.calibration.distributed import DistributedContext
 
+    if isinstance(model, nn.Module):
+        return _quantize_module(
+            model, _as_scheme(scheme), output, pipeline, calibration, seed, progress, device, log
+        )
+    if calibration is not None and not isinstance(calibration, CalibrationConfig):
+        raise PtqUsageError(
+            "calibration input dicts are for an nn.Module; give a CalibrationConfig"
+        )
+    text_calibration = calibration
     run = functools.partial(
         _quantize,
         model,
         scheme,
         output=output,
         pipeline=pipeline,
-        calibration=calibration,
+        calibration=text_calibration,
         evaluate=evaluate,
         seed=seed,
         overwrite=overwrite,
@@ -186,6 +202,71 @@ def quantize(
     finally:
         if joined:
             dctx.close()
+
+
+def _quantize_module(
+    model: nn.Module,
+    scheme: Scheme,
+    output: str | Path | None,
+    pipeline: Pipeline | list[Pass] | None,
+    calibration: CalibrationConfig | Sequence[Mapping[str, Any]] | None,
+    seed: int,
+    progress: bool,
+    device: str,
+    log: Any,
+) -> QuantizeResult:
+    """:func:`quantize` of an in-memory module (see its ``model`` argument)."""
+    from ptq.devices import resolve_device
+    from ptq.passes.fold_batch_norm import FoldBatchNormPass
+    from ptq.plan import IN_MEMORY_KINDS
+
+    start = time.perf_counter()
+    if output is not None:
+        raise PtqUsageError(
+            "an nn.Module is quantized in memory and returned (result.model): ptq writes "
+            "outputs for Hugging Face model folders only; drop output"
+        )
+    if calibration is None or isinstance(calibration, CalibrationConfig) or not calibration:
+        raise PtqUsageError(
+            "quantizing an nn.Module needs calibration: a list of its input dicts, e.g. "
+            "[{'x': batch}, ...] (the first is also the capture's example)"
+        )
+    batches = list(calibration)
+    model.eval()
+    try:
+        plan = build_plan(model, scheme, supported_kinds=IN_MEMORY_KINDS, example_inputs=batches[0])
+    except ValueError as exc:
+        raise PtqUsageError(str(exc)) from None
+    for note in plan.notes:
+        log(f"note: {note}")
+    passes = list(pipeline.passes if isinstance(pipeline, Pipeline) else pipeline or [])
+    passes = passes or default_pipeline().passes
+    if any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
+        passes.insert(0, FoldBatchNormPass())
+    ctx = PassContext(seed=seed, progress=progress, device=resolve_device(device, None))
+    ctx.calibration = batches
+    Pipeline(passes).run(QuantState(model=model, plan=plan), ctx)
+    result = QuantizeResult(model=model, plan=plan, output=None, records=ctx.records)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _check_written(folder: Path) -> None:
+    """The values check of ``ptq verify`` (:func:`ptq.verify.check_tensor_values`) on the
+    output before it is renamed into place: no NaN/Inf, no all-zero weight or scale (a tied
+    head written from an unloaded embedding, say) ever reaches the user's folder.
+
+    Raises:
+        PtqPassError: A tensor failed the check (named); nothing is written.
+    """
+    from ptq.errors import PtqPassError
+    from ptq.io.safetensors_reader import SafetensorsIndex
+    from ptq.verify import check_tensor_values
+
+    try:
+        check_tensor_values(SafetensorsIndex(folder))
+    except PtqInputError as exc:
+        raise PtqPassError(f"the output failed its own check, nothing was written: {exc}") from None
 
 
 def _silent(*_args: Any, **_kwargs: Any) -> None:
@@ -305,6 +386,7 @@ def _quantize(
     if main and writer is not None:
         with atomic_output_dir(out, overwrite) as tmp:
             writer.finish(tmp, outcome.quantized, ctx.records)
+            _check_written(tmp)
         shutil.rmtree(work, ignore_errors=True)
         log(f"wrote {out}")
     if offload is not None:
@@ -372,7 +454,7 @@ class _TransformedFolder:
 
 def _plan_lazily(source: WeightSource, scheme: Scheme, log: Any) -> QuantPlan:
     """The plan, captured with only the outer part and one block of each structure loaded."""
-    from ptq.frontend.capture import block_signature
+    from ptq.frontend.blocks import block_signature
 
     first: dict[Any, int] = {}
     for i, block in enumerate(source.blocks or []):

@@ -2,12 +2,12 @@
 
 ``PtqError`` is the base of every error ptq raises on purpose. The CLI prints its
 message (one line that names the file, layer or option and the fix) and exits with
-code 2 instead of showing a traceback (DESIGN.md, invariant 6).
+code 2 instead of showing a traceback (docs/invariants.md, invariant 6).
 """
 
 from __future__ import annotations
 
-__all__ = ["PtqError", "PtqInputError", "PtqUsageError"]
+__all__ = ["PtqError", "PtqInputError", "PtqPassError", "PtqUsageError"]
 
 
 class PtqError(Exception):
@@ -20,3 +20,8 @@ class PtqInputError(PtqError):
 
 class PtqUsageError(PtqError):
     """Bad options: an unknown flag value or a combination that cannot work."""
+
+
+class PtqPassError(PtqError, ValueError):
+    """A pass cannot work on this model (its message names the module or op); raised
+    before any weight is loaded, from the pass's ``prepare``."""

@@ -1,6 +1,6 @@
 """Perplexity on held-out text: non-overlapping windows, ``ppl = exp(mean NLL)``.
 
-This is the GPTQ/AWQ protocol (REFERENCE.md section 4) with a shorter default window
+This is the GPTQ/AWQ protocol (docs/invariants.md, "Evaluation protocol") with a shorter default window
 (512 tokens) and a token budget so that evaluation fits a 2-core CPU.
 """
 

@@ -144,6 +144,11 @@ class Pass:
         for p in self.inner_passes():
             p.prologue(state, ctx)
 
+    def prologue_modules(self, state: QuantState) -> list[str]:
+        """Outer modules :meth:`prologue` changes; the runner loads them before it runs
+        (a lazily read model otherwise loads only the input embeddings before block 0)."""
+        return [m for p in self.inner_passes() for m in p.prologue_modules(state)]
+
     @property
     def has_prologue(self) -> bool:
         """Whether :meth:`prologue` does anything (the runner then keeps outer changes)."""

@@ -8,9 +8,9 @@ mixed-precision allocation is just a plan whose layers carry different formats.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -18,7 +18,14 @@ from ptq.formats import PerGroup, QuantFormat
 from ptq.scheme import ActivationScheme, Scheme, matches_any
 from ptq.serialization import format_from_dict, format_to_dict
 
+if TYPE_CHECKING:
+    from ptq.frontend.structure import ModelStructure
+
 PLAN_VERSION = 1
+SUPPORTED_KINDS = ("linear", "conv1d_hf")
+"""Layer kinds ``build_plan`` plans by default: those every exporter writes."""
+IN_MEMORY_KINDS = (*SUPPORTED_KINDS, "conv2d", "conv1d")
+"""Layer kinds the weight passes quantize (a model kept in memory: convolutions too)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,12 +68,17 @@ class LayerPlan:
 
 @dataclass
 class QuantPlan:
-    """Per-layer decisions plus the layers left alone and why."""
+    """Per-layer decisions plus the layers left alone and why.
+
+    ``structure`` is the model's structural model found on the same capture
+    (:mod:`ptq.frontend.structure`), carried for the passes; it is not serialised.
+    """
 
     scheme: Scheme
     layers: dict[str, LayerPlan] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    structure: ModelStructure | None = field(default=None, compare=False, repr=False)
 
     def __iter__(self) -> Iterator[LayerPlan]:
         return iter(self.layers.values())
@@ -90,6 +102,16 @@ class QuantPlan:
             layers={n: LayerPlan.from_dict(n, d) for n, d in data.get("layers", {}).items()},
             skipped=dict(data.get("skipped", {})),
             notes=list(data.get("notes", [])),
+        )
+
+    def renamed(self, rename: Callable[[str], str]) -> QuantPlan:
+        """This plan with every layer and skipped name passed through ``rename``."""
+        return QuantPlan(
+            scheme=self.scheme,
+            layers={rename(n): replace(lp, name=rename(n)) for n, lp in self.layers.items()},
+            skipped={rename(n): why for n, why in self.skipped.items()},
+            notes=list(self.notes),
+            structure=self.structure,
         )
 
     def to_json(self) -> str:
@@ -135,30 +157,51 @@ def build_plan(
     model: nn.Module,
     scheme: Scheme,
     method: str = "rtn",
-    supported_kinds: tuple[str, ...] = ("linear",),
+    supported_kinds: tuple[str, ...] = SUPPORTED_KINDS,
+    example_inputs: tuple[Any, ...] | Mapping[str, Any] | None = None,
 ) -> QuantPlan:
     """Discover quantizable layers on the captured graph and resolve each one's format.
 
-    Layers the front end finds but no weight pass handles yet are listed in ``skipped``
-    with the reason, never silently dropped.
+    The same capture gives the plan's :attr:`QuantPlan.structure`. Fused MoE experts are
+    first split into per-expert Linears (:func:`~ptq.frontend.experts.unfuse_experts`,
+    in place); routers stay in high precision. Layers the front end finds but no weight
+    pass handles are listed in ``skipped`` with the reason, never silently dropped.
+
+    ``supported_kinds``: what to plan (default: the layers the output writers handle;
+    :data:`IN_MEMORY_KINDS` adds convolutions for a model kept in memory).
+    ``example_inputs``: inputs for capture (default: a token batch for a transformers LM).
 
     Raises:
         ValueError: An explicit group size does not divide some layers (all named).
     """
+    from ptq.frontend.analyse import model_structure
+    from ptq.frontend.experts import unfuse_experts
     from ptq.frontend.quantizable import discover
 
+    unfuse_experts(model)
     plan = QuantPlan(scheme=scheme)
     errors: list[str] = []
     ceilinged: dict[int, list[str]] = {}
-    found = discover(model)
+    found = discover(model, example_inputs=example_inputs)
     plan.skipped.update(found.skipped)
     plan.notes.extend(found.notes)
+    if found.capture is not None:
+        plan.structure = model_structure(model, found.capture)
+    routers = plan.structure.routers() if plan.structure is not None else set()
+    for name in routers & set(plan.skipped):
+        plan.skipped[name] = "router: kept in high precision"
     for op in found:
+        if op.name in routers:
+            plan.skipped[op.name] = "router: kept in high precision"
+            continue
         if scheme.is_ignored(op.name):
             plan.skipped[op.name] = "ignored"
             continue
         if op.kind not in supported_kinds:
-            plan.skipped[op.name] = f"not quantized: no weight pass handles {op.kind} layers yet"
+            plan.skipped[op.name] = (
+                f"not quantized: {op.kind} layers have no compressed-tensors layout (a model "
+                "quantized in memory, ptq.quantize(module, ...), quantizes them)"
+            )
             continue
         try:
             fmt = scheme.weight_format_for(op.name, op.in_features)

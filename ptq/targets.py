@@ -12,7 +12,7 @@ Three things, all computed from the plan, the scheme and the passes:
 
 Runtimes: ``vllm`` (compressed-tensors; rules in :mod:`ptq.exporters.vllm_support`),
 ``onnx`` (``ptq export --onnx``: INT2-8 and FP8 weights, LoRC as two MatMuls, no KV-cache
-quantization, no online Hadamard), ``ptq`` (the emulated model of ``ptq eval``: every
+quantization, no online Hadamard, no mixture-of-experts blocks), ``ptq`` (the emulated model of ``ptq eval``: every
 format and pass).
 """
 
@@ -31,6 +31,10 @@ from ptq.scheme import ActivationScheme, Scheme
 TARGETS = ("vllm", "onnx", "ptq")
 RUNTIME_NAMES = {"vllm": "vLLM", "onnx": "ONNX Runtime (after `ptq export --onnx`)", "ptq": "ptq"}
 ONNX_FP8 = ("fp8_e4m3", "fp8_e5m2")
+MOE_CPU = (
+    "its CPU build has no quantized mixture-of-experts kernel (WNA16, INT8 and FP8 MoE "
+    "are refused at load)"
+)
 
 
 @dataclass(frozen=True)
@@ -198,6 +202,12 @@ def serving_summary(plan: QuantPlan, passes: Sequence[Any]) -> str:
     features = pipeline_features(passes)
     served, not_served = [], []
     devices, reasons = _vllm(layers)
+    moe = plan.structure is not None and bool(plan.structure.routers())
+    if moe and devices:  # per-expert Linears: vLLM's fused-MoE kernels, none on CPU
+        from ptq.exporters.vllm_support import CPU
+
+        devices = devices - {CPU}
+        reasons.insert(0, MOE_CPU)
     refusal = _refusal("vllm", features)
     if refusal is None and devices:
         where = "CPU and CUDA" if len(devices) == 2 else f"{next(iter(devices)).upper()} only"
@@ -209,7 +219,7 @@ def serving_summary(plan: QuantPlan, passes: Sequence[Any]) -> str:
     onnx_problems = sorted(
         {p for lp in layers if (p := onnx_layer_problem(lp.weight, lp.activation))}
     )
-    if _refusal("onnx", features) is None and not onnx_problems:
+    if _refusal("onnx", features) is None and not onnx_problems and not moe:
         served.append(RUNTIME_NAMES["onnx"])
     plain = features == PipelineFeatures()
     if plain and layers and all(kernel_layer_ok(lp) for lp in layers):

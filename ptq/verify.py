@@ -115,8 +115,41 @@ def _must_be_nonzero(name: str) -> bool:
     return local == "weight" or (local.endswith("scale") and local not in _NON_WEIGHT)
 
 
+def _identity_norm_weights(folder: Path, names: list[str]) -> set[str]:
+    """Those of ``names`` (all-zero 1-D weights) that are norms applying ``1 + w``
+    (Gemma): zero is their identity scale. Decided on the model's module tree built
+    from ``config.json`` without weights, by probing each norm (:mod:`ptq.frontend.norms`)."""
+    import json
+
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ptq.frontend.norms import is_norm_module, norm_style
+    from ptq.models.checkpoint_names import CheckpointNames
+
+    try:
+        data = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        plain = {k: v for k, v in data.items() if k != "quantization_config"}
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**plain))
+    except Exception:  # not a transformers model we can build: no exemption
+        return set()
+    rename = CheckpointNames.of(model)
+    out = set()
+    for name in names:
+        try:
+            module = model.get_submodule(rename.to_memory(name).rpartition(".")[0])
+        except AttributeError:
+            continue
+        if is_norm_module(module) and norm_style(module) == "rms_1p":
+            out.add(name)
+    return out
+
+
 def check_tensor_values(index: SafetensorsIndex) -> None:
-    """Every floating tensor finite; weights and scales not all zero (chunked scan)."""
+    """Every floating tensor finite; weights and scales not all zero (chunked scan), except
+    the weights of norms that apply ``1 + w`` (Gemma), for which zero is the identity."""
+    zero: list[tuple[str, Path]] = []
     for name in index:
         t = index.get(name).reshape(-1)
         where = index.file_of(name).path
@@ -130,6 +163,13 @@ def check_tensor_values(index: SafetensorsIndex) -> None:
         if bad:
             raise _fail(where, f"tensor {name!r} holds {bad} NaN/Inf of {t.numel()} values")
         if nonzero == 0 and _must_be_nonzero(name):
+            zero.append((name, where))
+    if not zero:
+        return
+    vectors = [n for n, _ in zero if len(index.shape(n)) == 1]
+    allowed = _identity_norm_weights(index.model_dir, vectors) if vectors else set()
+    for name, where in zero:
+        if name not in allowed:
             raise _fail(where, f"tensor {name!r} is all zeros (a weight or scale must not be)")
 
 

@@ -3,137 +3,13 @@
 from __future__ import annotations
 
 import json
-import random
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-
-WORDS = [
-    "the",
-    "of",
-    "and",
-    "to",
-    "in",
-    "a",
-    "is",
-    "that",
-    "for",
-    "it",
-    "as",
-    "was",
-    "with",
-    "be",
-    "by",
-    "on",
-    "not",
-    "he",
-    "this",
-    "are",
-    "or",
-    "his",
-    "from",
-    "at",
-    "which",
-    "but",
-    "have",
-    "an",
-    "they",
-    "you",
-    "were",
-    "her",
-    "she",
-    "there",
-    "been",
-    "one",
-    "all",
-    "we",
-    "their",
-    "has",
-    "would",
-    "when",
-    "if",
-    "king",
-    "queen",
-    "lord",
-    "love",
-    "death",
-    "night",
-    "day",
-    "sword",
-    "crown",
-    "heart",
-    "blood",
-    "honour",
-    "time",
-    "world",
-    "man",
-    "woman",
-    "father",
-    "mother",
-    "son",
-    "daughter",
-    "speak",
-    "come",
-    "go",
-    "know",
-    "see",
-    "make",
-    "think",
-    "good",
-    "great",
-]
-
-
-def synthetic_text(n_words: int, seed: int = 0) -> str:
-    rng = random.Random(seed)
-    lines = []
-    for _ in range(n_words // 12):
-        lines.append(" ".join(rng.choice(WORDS) for _ in range(12)).capitalize() + ".")
-    return "\n".join(lines)
-
-
-def _train_tokenizer(out: Path) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<unk>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator([synthetic_text(3000, seed=1)], trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
-    )
-    fast.save_pretrained(out)
-
-
-def make_tiny_model(out: Path, arch: str = "llama", seed: int = 0, **overrides: object) -> Path:
-    """Write a tiny random-init model folder (config + safetensors + tokenizer)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    base: dict[str, object] = {
-        "vocab_size": 320,
-        "hidden_size": 64,
-        "intermediate_size": 192,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 256,
-        "tie_word_embeddings": True,
-    }
-    base.update(overrides)
-    config = AutoConfig.for_model(arch, **base)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.save_pretrained(out)
-    _train_tokenizer(out)
-    return out
+from tiny_archs import make_tiny_model, synthetic_text
 
 
 @pytest.fixture(scope="session")

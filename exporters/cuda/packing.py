@@ -1,8 +1,8 @@
 """Pack a :class:`ptq.formats.QTensor` into the on-disk layouts the kernels read.
 
 One :class:`PackedWeight` per quantized Linear: the format name, the tensors under their
-on-disk names and the group size (LAYOUT.md): compressed-tensors layouts for INT4, FP4,
-INT8 and FP8 (REFERENCE.md section 3), and ptq's own layout
+on-disk names and the group size (docs/layouts.md; LAYOUT.md): compressed-tensors layouts
+for INT4, FP4, INT8 and FP8, and ptq's own layout
 (:func:`ptq.formats.ptq_layout.to_ptq_layout`, the writer of ``--target ptq`` outputs)
 for the bit-stream formats INT3/5/6 and FP6 E2M3/E3M2.
 """

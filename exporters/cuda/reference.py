@@ -4,7 +4,7 @@ These are the CPU reference implementations behind the ``torch.ops.ptq.qlinear_*
 (and their fallback on GPUs for shapes the kernels do not take). They decode exactly as
 the emulation in :mod:`ptq.formats` does: element codes through
 :func:`ptq.formats.minifloat.decode_float`, then ``W = values * scale`` with scales
-broadcast over their group (compressed-tensors layouts, REFERENCE.md section 3):
+broadcast over their group (compressed-tensors layouts, docs/layouts.md):
 
 * INT4 pack-quantized: ``W = (u - z) * s``, ``u`` nibble ``i % 8`` of int32 word ``i / 8``
   (low nibble first), ``z = 8`` (symmetric) or the zero point packed along N.

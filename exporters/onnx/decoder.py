@@ -25,16 +25,26 @@ import torch
 from onnx import TensorProto
 from torch import nn
 
+from ptq.exporters.onnx.block_names import BlockNames, llama_blocks
 from ptq.exporters.onnx.builder import GraphBuilder
 from ptq.exporters.onnx.linear import LinearOptions, emit_linear
 from ptq.exporters.onnx.spec import DecoderSpec, decoder_spec
+from ptq.frontend.structure import ModelStructure
 
 NEG = float(np.finfo(np.float32).min)
 
 
+def _rotary_module(model: nn.Module) -> Any:
+    """The module computing the RoPE tables (the one holding an ``inv_freq`` buffer)."""
+    for _name, module in model.named_modules():
+        if "inv_freq" in dict(module.named_buffers(recurse=False)):
+            return module
+    raise ValueError("no rotary embedding module (with an inv_freq buffer) found")
+
+
 def _rope_caches(model: Any, spec: DecoderSpec) -> tuple[np.ndarray, np.ndarray]:
     """cos/sin [max_positions, D] from the model's rotary module (any static RoPE type)."""
-    rotary = model.model.rotary_emb
+    rotary = _rotary_module(model)
     pos = torch.arange(spec.max_positions).unsqueeze(0)
     probe = torch.zeros(1, dtype=torch.float32)
     with torch.no_grad():
@@ -74,7 +84,8 @@ def _rope(b: GraphBuilder, x: str, cos: str, sin: str, d: int, name: str) -> str
 
 def _attention(
     b: GraphBuilder,
-    layer: Any,
+    model: nn.Module,
+    names: BlockNames,
     x: str,
     ctx: dict[str, str],
     spec: DecoderSpec,
@@ -82,12 +93,15 @@ def _attention(
     i: int,
     kv_cache: bool,
 ) -> str:
-    p = f"model.layers.{i}.self_attn"
-    attn = layer.self_attn
+    p = names.o.rpartition(".")[0] or f"block{i}"
     d, kv, g = spec.head_dim, spec.num_kv_heads, spec.groups
-    q = _heads(b, emit_linear(b, x, attn.q_proj, f"{p}.q_proj", opts), spec.num_heads, d, p + ".q")
-    k = _heads(b, emit_linear(b, x, attn.k_proj, f"{p}.k_proj", opts), kv, d, p + ".k")
-    v = _heads(b, emit_linear(b, x, attn.v_proj, f"{p}.v_proj", opts), kv, d, p + ".v")
+
+    def linear(name: str, inp: str) -> str:
+        return emit_linear(b, inp, model.get_submodule(name), name, opts)
+
+    q = _heads(b, linear(names.q, x), spec.num_heads, d, p + ".q")
+    k = _heads(b, linear(names.k, x), kv, d, p + ".k")
+    v = _heads(b, linear(names.v, x), kv, d, p + ".v")
     q = _rope(b, q, ctx["cos"], ctx["sin"], d, p + ".q")
     k = _rope(b, k, ctx["cos"], ctx["sin"], d, p + ".k")
     if kv_cache:
@@ -111,18 +125,19 @@ def _attention(
     o = b.op("Reshape", [o, b.const([0, spec.num_heads, -1, d])], name=f"{p}/merge_groups")
     o = b.op("Transpose", [o], perm=[0, 2, 1, 3], name=f"{p}/bsnd")
     o = b.op("Reshape", [o, b.const([0, 0, spec.num_heads * d])], name=f"{p}/merge_heads")
-    return emit_linear(b, o, attn.o_proj, f"{p}.o_proj", opts)
+    return linear(names.o, o)
 
 
-def _mlp(b: GraphBuilder, layer: Any, x: str, opts: LinearOptions, i: int) -> str:
-    p = f"model.layers.{i}.mlp"
-    mlp = layer.mlp
-    gate = emit_linear(b, x, mlp.gate_proj, f"{p}.gate_proj", opts)
-    up = emit_linear(b, x, mlp.up_proj, f"{p}.up_proj", opts)
+def _mlp(b: GraphBuilder, model: nn.Module, names: BlockNames, x: str, opts: LinearOptions) -> str:
+    p = names.down.rpartition(".")[0] or names.down
+
+    def linear(name: str, inp: str) -> str:
+        return emit_linear(b, inp, model.get_submodule(name), name, opts)
+
+    gate = linear(names.gate, x)
+    up = linear(names.up, x)
     act = b.op("Mul", [gate, b.op("Sigmoid", [gate], name=f"{p}/sigmoid")], name=f"{p}/silu")
-    return emit_linear(
-        b, b.op("Mul", [act, up], name=f"{p}/glu"), mlp.down_proj, f"{p}.down_proj", opts
-    )
+    return linear(names.down, b.op("Mul", [act, up], name=f"{p}/glu"))
 
 
 def _positions_and_mask(b: GraphBuilder, spec: DecoderSpec, kv_cache: bool) -> dict[str, str]:
@@ -145,13 +160,30 @@ def _positions_and_mask(b: GraphBuilder, spec: DecoderSpec, kv_cache: bool) -> d
     return {"mask": mask, "pos": q_pos}
 
 
-def build_decoder(model: Any, opts: LinearOptions, *, kv_cache: bool = True) -> onnx.ModelProto:
+def _structure(model: nn.Module) -> ModelStructure:
+    from ptq.frontend.analyse import model_structure
+    from ptq.frontend.capture import capture
+
+    return model_structure(model, capture(model))
+
+
+def build_decoder(
+    model: Any,
+    opts: LinearOptions,
+    *,
+    kv_cache: bool = True,
+    structure: ModelStructure | None = None,
+) -> onnx.ModelProto:
     """The ONNX model of ``model`` (inputs ``input_ids`` [B, S] int64, output ``logits``).
+
+    Module names come from ``model``'s structure (captured now when not given,
+    :mod:`ptq.exporters.onnx.block_names`).
 
     Raises:
         ValueError: Unsupported architecture or layer format (the message names it).
     """
     spec = decoder_spec(model.config)
+    names = llama_blocks(structure if structure is not None else _structure(model))
     b = GraphBuilder(name=f"ptq_{spec.model_type}")
     b.add_input("input_ids", TensorProto.INT64, ["batch", "sequence"])
     if kv_cache:
@@ -166,32 +198,23 @@ def build_decoder(model: Any, opts: LinearOptions, *, kv_cache: bool = True) -> 
     cos_np, sin_np = _rope_caches(model, spec)
     ctx["cos"] = b.op("Gather", [b.initializer("rope.cos", cos_np), ctx["pos"]], name="cos")
     ctx["sin"] = b.op("Gather", [b.initializer("rope.sin", sin_np), ctx["pos"]], name="sin")
-    inner = model.model
-    embed = inner.embed_tokens.weight.detach().float().numpy()
-    embed_name = b.initializer("model.embed_tokens.weight", embed)
+    embed_mod = model.get_submodule(names.embed)
+    embed = embed_mod.weight.detach().float().numpy()
+    embed_name = b.initializer(f"{names.embed}.weight", embed)
     x = b.op("Gather", [embed_name, "input_ids"], name="embed")
-    for i, layer in enumerate(inner.layers):
-        n1 = _rms_norm(
-            b, x, layer.input_layernorm, spec.rms_norm_eps, f"model.layers.{i}.input_layernorm"
-        )
+    for i, bn in enumerate(names.blocks):
+        block = bn.input_norm.rpartition(".")[0]
+        n1 = _rms_norm(b, x, model.get_submodule(bn.input_norm), spec.rms_norm_eps, bn.input_norm)
         x = b.op(
             "Add",
-            [x, _attention(b, layer, n1, ctx, spec, opts, i, kv_cache)],
-            name=f"model.layers.{i}/residual1",
+            [x, _attention(b, model, bn, n1, ctx, spec, opts, i, kv_cache)],
+            name=f"{block}/residual1",
         )
-        n2 = _rms_norm(
-            b,
-            x,
-            layer.post_attention_layernorm,
-            spec.rms_norm_eps,
-            f"model.layers.{i}.post_attention_layernorm",
-        )
-        x = b.op("Add", [x, _mlp(b, layer, n2, opts, i)], name=f"model.layers.{i}/residual2")
-    x = _rms_norm(b, x, inner.norm, spec.rms_norm_eps, "model.norm")
-    head = model.lm_head
-    tied = (
-        type(head) is nn.Linear and head.weight.data_ptr() == inner.embed_tokens.weight.data_ptr()
-    )
+        n2 = _rms_norm(b, x, model.get_submodule(bn.post_norm), spec.rms_norm_eps, bn.post_norm)
+        x = b.op("Add", [x, _mlp(b, model, bn, n2, opts)], name=f"{block}/residual2")
+    x = _rms_norm(b, x, model.get_submodule(names.final_norm), spec.rms_norm_eps, names.final_norm)
+    head = model.get_submodule(names.head)
+    tied = type(head) is nn.Linear and head.weight.data_ptr() == embed_mod.weight.data_ptr()
     if tied and head.bias is None:
         flat = b.op("Reshape", [x, b.const([-1, spec.hidden_size])], name="lm_head/flat")
         logits2 = b.op("Gemm", [flat, embed_name], transB=1, name="lm_head/gemm")
@@ -199,7 +222,7 @@ def build_decoder(model: Any, opts: LinearOptions, *, kv_cache: bool = True) -> 
         shape = b.op("Concat", [lead, b.const([spec.vocab_size])], axis=0, name="lm_head/shape")
         logits = b.op("Reshape", [logits2, shape], name="lm_head/logits")
     else:
-        logits = emit_linear(b, x, head, "lm_head", opts)
+        logits = emit_linear(b, x, head, names.head, opts)
     b.outputs.insert(
         0,
         onnx.helper.make_tensor_value_info(

@@ -1,9 +1,11 @@
 """The decoder-LM shape facts an ONNX export needs, read from a Hugging Face config.
 
-Supported: the Llama family (``llama``, ``mistral``, ``qwen2``): pre-norm RMSNorm
-blocks, rotary position embeddings (any static RoPE type, taken from the model's own
-rotary module), grouped-query attention, SwiGLU MLP, optional q/k/v bias, optional
-sliding window, tied or untied ``lm_head``.
+Which blocks can be written is decided on the model's structure
+(:mod:`ptq.exporters.onnx.block_names`): pre-norm RMSNorm blocks, rotary position
+embeddings (any static RoPE type, taken from the model's own rotary module),
+grouped-query attention, SwiGLU MLP, optional q/k/v bias, optional sliding window, tied
+or untied LM head (the Llama family: ``llama``, ``mistral``, ``qwen2`` and any model
+built the same way). The config gives the numbers.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
 DYNAMIC_ROPE_TYPES = ("dynamic", "longrope")
 
 
@@ -63,11 +64,10 @@ def decoder_spec(config: Any) -> DecoderSpec:
         ValueError: The architecture, activation or RoPE type is not supported.
     """
     model_type = str(getattr(config, "model_type", "?"))
-    if model_type not in SUPPORTED_ARCHS:
+    if getattr(config, "rms_norm_eps", None) is None:
         raise ValueError(
-            f"ONNX export does not support architecture {model_type!r} "
-            f"({', '.join(getattr(config, 'architectures', None) or [])}); "
-            f"supported: {', '.join(SUPPORTED_ARCHS)}"
+            f"ONNX export does not support architecture {model_type!r}: its config has no "
+            "rms_norm_eps (the exporter writes RMSNorm blocks)"
         )
     act = getattr(config, "hidden_act", "silu")
     if act != "silu":

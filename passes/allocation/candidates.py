@@ -17,7 +17,7 @@ Its size in bytes is counted exactly, as an exporter lays it out:
 
 and its modelled batch-1 decode latency is the memory-bound roofline
 ``t = bytes / (bandwidth * efficiency[name])`` (weights streamed once per token; see
-REFERENCE.md section 4, "Serving").
+docs/invariants.md, "Serving arithmetic").
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from ptq.formats import QuantFormat
 from ptq.formats.scales import SCALE_BITS
 
 H200_BANDWIDTH = 4.8e12
-"""Peak HBM bandwidth of one H200 in bytes per second (REFERENCE.md section 4)."""
+"""Peak HBM bandwidth of one H200 in bytes per second (docs/invariants.md, "Serving arithmetic")."""
 
 
 @dataclass(frozen=True)

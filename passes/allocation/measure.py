@@ -58,7 +58,6 @@ Estimator = Literal["loss", "kl", "hessian", "fisher"]
 FactorFormat = Literal["fp16", "int8"]
 ESTIMATORS: tuple[Estimator, ...] = ("loss", "kl", "hessian", "fisher")
 METRICS = {"loss": "nll_delta", "kl": "kl", "hessian": "hessian_trace", "fisher": "fisher_nll"}
-_NORMS = ("norm", "final_layer_norm", "ln_f", "final_norm")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -166,19 +165,20 @@ def _fits(cand: Candidate, w: torch.Tensor) -> bool:
 
 
 class _Head:
-    """Final norm + output embedding of a decoder model (the part after the blocks)."""
+    """Final norm + output embedding of a decoder model (the part after the blocks, as
+    :func:`ptq.frontend.analyse.outer_part` finds it)."""
 
     def __init__(self, model: nn.Module, path: str) -> None:
-        parent = model.get_submodule(path.rpartition(".")[0]) if "." in path else model
-        norm = next((getattr(parent, n) for n in _NORMS if hasattr(parent, n)), None)
-        get_head = getattr(model, "get_output_embeddings", None)
-        head = get_head() if callable(get_head) else None
-        if norm is None or head is None:
+        from ptq.frontend.analyse import outer_part
+
+        outer = outer_part(model, path)
+        if outer.final_norm is None or outer.head is None:
             raise ValueError(
-                f"cannot find the final norm ({'/'.join(_NORMS)}) under {path!r} or the output "
-                "embeddings; the loss/kl/fisher estimators need a decoder LM head"
+                f"cannot find the one final norm outside {path!r} or the output embeddings; "
+                "the loss/kl/fisher estimators need a decoder LM head"
             )
-        self.norm, self.head = norm, head
+        self.norm = model.get_submodule(outer.final_norm)
+        self.head = model.get_submodule(outer.head)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.head(self.norm(hidden)).float()

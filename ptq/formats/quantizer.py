@@ -18,7 +18,6 @@ import torch
 
 from ptq.formats.clipping import mse_clipped_amax
 from ptq.formats.element import ElementFormat, FloatFormat, IntFormat
-from ptq.formats.granularity import PerChannel, PerTensor
 from ptq.formats.minifloat import decode_float, encode_float, round_finite, round_to_float_grid
 from ptq.formats.qformat import ClipSearch, QTensor, QuantFormat, ScaleRule
 from ptq.formats.rounding import RoundingMode, check_finite, round_to_integer
@@ -39,8 +38,6 @@ __all__ = [
     "element_values",
     "expand_blocks",
     "fake_quantize",
-    "per_tensor",
-    "per_token",
     "quantize",
 ]
 
@@ -209,13 +206,3 @@ def fake_quantize(
     if qt.zero_point is not None:
         qb = qb.sub(qt.zero_point.float()[:, None, :, None])
     return from_blocks(qb.mul_(eff), x.shape).to(x.dtype)
-
-
-def per_token(element: ElementFormat) -> QuantFormat:
-    """Dynamic per-token (per-row) symmetric activation format."""
-    return QuantFormat(element, PerChannel(axis=0))
-
-
-def per_tensor(element: ElementFormat) -> QuantFormat:
-    """Per-tensor symmetric format."""
-    return QuantFormat(element, PerTensor())

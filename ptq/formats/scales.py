@@ -6,7 +6,7 @@
 * ``e4m3``: a positive FP8 E4M3 value (NVFP4's per-16 scale), stored as its fp8 byte.
 * ``ue5m3``: unsigned 5/3 minifloat, bias 15, no Inf, 0xFF = NaN, subnormals on. This is
   our choice: "Elucidating the Design Space of FP4 training" proposes UE5M3 but publishes
-  no bias or specials (REFERENCE.md section 2). Range ``2^-17 .. 114688``.
+  no bias or specials (docs/formats.md section 2). Range ``2^-17 .. 114688``.
 * ``pow2``: a real power of two held in fp32 and stored as an E8M0 byte (ZeroQuant-FP's
   scales that make FP4 -> FP8 casts exact; Wu et al. 2023).
 """

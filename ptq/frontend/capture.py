@@ -22,20 +22,11 @@ from typing import Any, Literal
 
 import torch
 from torch import fx, nn
+from torch.export.graph_signature import InputKind
+
+from ptq.frontend.blocks import block_groups, find_blocks
 
 CaptureMethod = Literal["export", "symbolic_trace"]
-KNOWN_BLOCK_PATHS: tuple[str, ...] = (
-    "model.layers",
-    "model.language_model.layers",
-    "transformer.h",
-    "model.decoder.layers",
-    "gpt_neox.layers",
-    "transformer.blocks",
-    "encoder.layer",
-    "bert.encoder.layer",
-    "layers",
-    "h",
-)
 
 
 @dataclass
@@ -50,6 +41,8 @@ class CapturedGraph:
             (placeholders for ``export``, ``get_attr`` targets for ``symbolic_trace``).
         root: The captured module.
         failures: Why earlier methods failed, ``"method: message"``.
+        inputs: Placeholder names of the user inputs, in call order (the first is the
+            hidden states for a block).
     """
 
     graph_module: fx.GraphModule
@@ -58,6 +51,7 @@ class CapturedGraph:
     params: dict[str, str]
     root: nn.Module
     failures: list[str] = field(default_factory=list)
+    inputs: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -80,49 +74,6 @@ class Capture:
     def methods(self) -> dict[str, str]:
         """Captured prefix -> method used (``export`` or ``symbolic_trace``)."""
         return {g.prefix: g.method for g in self.graphs}
-
-
-def block_signature(block: nn.Module) -> tuple[Any, ...]:
-    """Structure of a block: module types and parameter shapes by relative name."""
-    mods = tuple((n, type(m).__qualname__) for n, m in block.named_modules())
-    params = tuple((n, tuple(p.shape)) for n, p in block.named_parameters())
-    return (mods, params)
-
-
-def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
-    """Find the ``ModuleList`` of repeated transformer blocks, or None.
-
-    Known paths (``model.layers``, ``transformer.h``, ``model.decoder.layers`` ...) are
-    tried first, then any ``ModuleList`` of >= 2 blocks of one class that holds at least
-    half of the model's parameters. The blocks must share one class and fall into few
-    structural groups (one group, or at most a quarter as many groups as blocks, e.g.
-    hybrid attention models); CNN stages whose blocks mostly differ return None.
-    """
-    total = sum(p.numel() for p in model.parameters()) or 1
-
-    def ok(mlist: nn.Module) -> bool:
-        if not isinstance(mlist, nn.ModuleList) or len(mlist) < 2:
-            return False
-        if len({type(b) for b in mlist}) != 1:
-            return False
-        n_groups = len({block_signature(b) for b in mlist})
-        return n_groups == 1 or 4 * n_groups <= len(mlist)
-
-    for path in KNOWN_BLOCK_PATHS:
-        try:
-            mlist = model.get_submodule(path)
-        except AttributeError:
-            continue
-        if ok(mlist):
-            assert isinstance(mlist, nn.ModuleList)
-            return path, mlist
-    best: tuple[int, str, nn.ModuleList] | None = None
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and ok(mod):
-            size = sum(p.numel() for p in mod.parameters())
-            if 2 * size >= total and (best is None or size > best[0]):
-                best = (size, name, mod)
-    return None if best is None else (best[1], best[2])
 
 
 class _Stop(Exception):
@@ -212,14 +163,20 @@ def capture_module(
                 sig = ep.graph_signature
                 params = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
                 gm = ep.graph_module
+                user = [
+                    s.arg.name
+                    for s in sig.input_specs
+                    if s.kind == InputKind.USER_INPUT and hasattr(s.arg, "name")
+                ]
             else:
                 gm = fx.symbolic_trace(module)
                 params = {n.name: str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+                user = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
         except Exception as exc:  # capture failures are data: try the next method
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             failures.append(f"{method}: {type(exc).__name__}: {first[:200]}")
             continue
-        return CapturedGraph(gm, method, prefix, params, module, failures)
+        return CapturedGraph(gm, method, prefix, params, module, failures, user)
     return failures
 
 
@@ -241,7 +198,7 @@ def capture(
         seq_len: Tokens in the default example batch.
         methods: Capture methods to try, in order.
     """
-    found = find_decoder_blocks(model) if block_wise is not False else None
+    found = find_blocks(model) if block_wise is not False else None
     if block_wise and found is None:
         raise ValueError(f"{type(model).__name__}: no repeated block ModuleList found")
     inputs = default_example_inputs(model, seq_len) if example_inputs is None else example_inputs
@@ -256,10 +213,7 @@ def capture(
         return result
     path, blocks = found
     result.block_path = path
-    groups: dict[tuple[Any, ...], list[int]] = {}
-    for i, block in enumerate(blocks):
-        groups.setdefault(block_signature(block), []).append(i)
-    result.block_groups = {members[0]: members for members in groups.values()}
+    result.block_groups = block_groups(blocks)
     recorded = record_block_inputs(model, blocks, sorted(result.block_groups), inputs)
     for rep, (args, kwargs) in sorted(recorded.items()):
         prefix = f"{path}.{rep}"

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from ptq.frontend.capture import Capture, capture
-from ptq.frontend.patterns import find_patterns
+from ptq.frontend.graph_utils import CONV_OPS, op_name, trace_param
+from ptq.frontend.structure_graph import weight_owner
 from ptq.modules import replace_module
 
 
@@ -52,6 +53,31 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     return folded
 
 
+def conv_bn_pairs(cap: Capture) -> list[tuple[str, str]]:
+    """``(conv, batch_norm)`` module names of every conv whose only consumer is a
+    batch-norm, on the captured graphs (whole-model or per block)."""
+    pairs: list[tuple[str, str]] = []
+    for cg in cap.graphs:
+        gm = cg.graph_module
+        prefix = f"{cg.prefix}." if cg.prefix else ""
+        for node in gm.graph.nodes:
+            owner = weight_owner(node, cg)
+            if owner is None or op_name(node, gm) not in CONV_OPS | {"Conv2d"}:
+                continue
+            if len(node.users) != 1:
+                continue
+            bn = next(iter(node.users))
+            if bn.op == "call_module" and isinstance(
+                gm.get_submodule(str(bn.target)), nn.BatchNorm2d
+            ):
+                pairs.append((prefix + owner, prefix + str(bn.target)))
+            elif "batch_norm" in op_name(bn, gm) and len(bn.args) > 1 and bn.args[0] is node:
+                use = trace_param(bn.args[1], cg.params)
+                if use is not None:
+                    pairs.append((prefix + owner, prefix + use.param.rpartition(".")[0]))
+    return pairs
+
+
 def fold_all_conv_bn(
     model: nn.Module,
     example_inputs: tuple[Any, ...] | Mapping[str, Any] | None = None,
@@ -73,11 +99,11 @@ def fold_all_conv_bn(
         raise ValueError("fold_all_conv_bn needs model.eval(): training-mode BN uses batch stats")
     cap = captured if captured is not None else capture(model, example_inputs, block_wise=False)
     done: list[tuple[str, str]] = []
-    for pair in find_patterns(cap).conv_bn:
-        conv, bn = model.get_submodule(pair.conv), model.get_submodule(pair.bn)
+    for conv_name, bn_name in conv_bn_pairs(cap):
+        conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
         if not isinstance(conv, nn.Conv2d) or not isinstance(bn, nn.BatchNorm2d):
             continue
-        replace_module(model, pair.conv, fold_conv_bn(conv, bn))
-        replace_module(model, pair.bn, nn.Identity())
-        done.append((pair.conv, pair.bn))
+        replace_module(model, conv_name, fold_conv_bn(conv, bn))
+        replace_module(model, bn_name, nn.Identity())
+        done.append((conv_name, bn_name))
     return done

@@ -75,12 +75,6 @@ def module_path(node: fx.Node) -> str | None:
     return path
 
 
-def module_stack_paths(node: fx.Node) -> list[str]:
-    """Every module path enclosing ``node``, outermost first."""
-    stack = node.meta.get("nn_module_stack") or {}
-    return [str(v[0]) for v in stack.values()]
-
-
 def tensor_shape(node: object) -> tuple[int, ...] | None:
     """Static shape of a node's value from export metadata, if known."""
     if not isinstance(node, fx.Node):
@@ -148,33 +142,3 @@ def trace_param(arg: object, params: dict[str, str], max_hops: int = 8) -> Param
             swaps += 1
         node = node.args[0]
     return None
-
-
-def users_through(node: fx.Node, skip: frozenset[str] = PASS_THROUGH) -> list[fx.Node]:
-    """Consumers of ``node``, looking through view-like ops."""
-    out: list[fx.Node] = []
-    todo = list(node.users)
-    seen: set[fx.Node] = set()
-    while todo:
-        user = todo.pop()
-        if user in seen:
-            continue
-        seen.add(user)
-        if user.op in ("call_function", "call_method") and op_name(user) in skip:
-            todo.extend(user.users)
-        else:
-            out.append(user)
-    return out
-
-
-def source_through(arg: object, skip: frozenset[str] = PASS_THROUGH) -> object:
-    """Producer of ``arg``, looking back through view-like ops."""
-    node = arg
-    while (
-        isinstance(node, fx.Node)
-        and node.op in ("call_function", "call_method")
-        and op_name(node) in skip
-        and node.args
-    ):
-        node = node.args[0]
-    return node

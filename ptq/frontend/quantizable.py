@@ -271,9 +271,12 @@ def discover(
         captured: A capture to reuse; if None, :func:`capture` runs (its failure falls
             back to a module walk, noted).
     """
+    from ptq.frontend.experts import all_tokens
+
     result = Discovery()
     try:
-        cap = captured if captured is not None else capture(model, example_inputs)
+        with all_tokens(model):
+            cap = captured if captured is not None else capture(model, example_inputs)
     except Exception as exc:  # no capture at all: module walk
         cap = Capture(failures={"": [f"capture: {type(exc).__name__}: {exc}"]})
         result.notes.append(f"capture failed ({type(exc).__name__}); used a module walk")

@@ -1,7 +1,7 @@
 """Input checks run before quantizing: config vs weights, finite weights, no pickle.
 
 Each check raises :class:`ptq.errors.PtqInputError` with one message naming the file
-or tensor and the fix (DESIGN.md, invariants 4 and 6).
+or tensor and the fix (docs/invariants.md, invariants 4 and 6).
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def refuse_pickle(path: str | os.PathLike[str], allow_pickle: bool) -> dict[str,
     """Load a pickle checkpoint (``.bin .pt .pth .ckpt``) only when the user allows it.
 
     Even when allowed, ``torch.load(weights_only=True)`` restricts unpickling to
-    tensors and plain containers, so no code in the file runs (DESIGN.md, invariant 4).
+    tensors and plain containers, so no code in the file runs (docs/invariants.md, invariant 4).
 
     Args:
         path: The checkpoint file.

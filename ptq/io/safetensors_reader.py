@@ -3,7 +3,7 @@
 The header of every file is parsed and validated first
 (:mod:`ptq.io.safetensors_header`); a tensor's bytes are read only when asked for,
 one tensor at a time, with ``seek`` + ``readinto`` straight into the tensor's storage,
-so reading tensor ``t`` costs ``nbytes(t)`` of memory and nothing more (DESIGN.md,
+so reading tensor ``t`` costs ``nbytes(t)`` of memory and nothing more (docs/invariants.md,
 invariant 2: weights stream from shards). Sharded checkpoints follow the Hugging Face
 layout: ``model.safetensors.index.json`` holds ``{"weight_map": {tensor: shard}}``.
 """

@@ -6,7 +6,7 @@ the user's explicit opt-in, each file is read with
 :func:`ptq.io.checks.refuse_pickle` (``torch.load(weights_only=True)``: only tensors and
 plain containers are unpickled, so no code in the file runs — a ``__reduce__`` that
 calls ``os.system`` is refused) and written as safetensors into a cache folder, so the
-rest of the pipeline stays safetensors-only (DESIGN.md, invariant 4). The cache folder
+rest of the pipeline stays safetensors-only (docs/invariants.md, invariant 4). The cache folder
 is keyed by the source path and each pickle file's name, size and modification time,
 and is written atomically (:func:`ptq.output.atomic_output_dir`).
 

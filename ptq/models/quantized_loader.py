@@ -18,10 +18,15 @@ from torch import nn
 from ptq.errors import PtqInputError
 from ptq.formats.ct_layout import ct_format_name, from_compressed_tensors
 from ptq.formats.ptq_layout import from_ptq_layout
+from ptq.frontend.experts import unfuse_experts
+from ptq.frontend.structure import ModelStructure
 from ptq.io.safetensors_reader import SafetensorsIndex
+from ptq.models.checkpoint_names import CheckpointNames
 from ptq.modules import replace_module
 from ptq.plan import QuantPlan
 from ptq.qlinear import QuantLinear
+
+KV_SCALE_SUFFIXES = (".k_scale", ".v_scale")
 
 
 def load_quantized_model(path: Path, *, trust_remote_code: bool = False) -> tuple[nn.Module, Any]:
@@ -45,7 +50,10 @@ def load_quantized_model(path: Path, *, trust_remote_code: bool = False) -> tupl
         config, dtype=torch.float32, trust_remote_code=trust_remote_code
     )
     model.eval()
+    unfuse_experts(model)
+    names = CheckpointNames.of(model)
     index = SafetensorsIndex(path)
+    structure = _structure(model) if any(k.endswith(KV_SCALE_SUFFIXES) for k in index) else None
     for lp in plan:
         prefix = lp.name + "."
         local = {k[len(prefix) :]: index.get(k) for k in index.names_with_prefix(prefix)}
@@ -60,10 +68,12 @@ def load_quantized_model(path: Path, *, trust_remote_code: bool = False) -> tupl
                 q = from_ptq_layout(local)
         except (KeyError, ValueError) as exc:
             raise PtqInputError(f"{path}: layer {lp.name} cannot be decoded: {exc}") from None
-        replace_module(model, lp.name, QuantLinear(q, bias, lp.activation, input_scale, lorc))
+        layer = QuantLinear(q, bias, lp.activation, input_scale, lorc)
+        replace_module(model, names.module_to_memory(lp.name), layer)
     quantized = {lp.name + "." for lp in plan}
-    state = {k: index.get(k) for k in index if not k.startswith(tuple(quantized))}
-    _install_kv_cache(model, state, config_data["quantization_config"], path)
+    state = {names.to_memory(k): index.get(k) for k in index if not k.startswith(tuple(quantized))}
+    quantized = {names.module_to_memory(lp.name) + "." for lp in plan}
+    _install_kv_cache(model, state, config_data["quantization_config"], path, structure)
     missing, unexpected = model.load_state_dict(state, strict=False)
     real_missing = [
         k
@@ -85,12 +95,27 @@ def load_quantized_model(path: Path, *, trust_remote_code: bool = False) -> tupl
     return model, tokenizer
 
 
+def _structure(model: nn.Module) -> ModelStructure:
+    """The structure of the freshly built model (before its layers are replaced)."""
+    from ptq.frontend.analyse import model_structure
+    from ptq.frontend.capture import capture
+    from ptq.frontend.experts import all_tokens
+
+    with all_tokens(model):
+        cap = capture(model)
+    return model_structure(model, cap)
+
+
 def _install_kv_cache(
-    model: nn.Module, state: dict[str, torch.Tensor], qconfig: dict[str, Any], path: Path
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    qconfig: dict[str, Any],
+    path: Path,
+    structure: ModelStructure | None,
 ) -> None:
     """Move ``*.k_scale``/``*.v_scale`` out of ``state`` into KV-cache fake quantization."""
-    scales = {k: state.pop(k) for k in list(state) if k.endswith((".k_scale", ".v_scale"))}
-    if not scales:
+    scales = {k: state.pop(k) for k in list(state) if k.endswith(KV_SCALE_SUFFIXES)}
+    if not scales or structure is None:
         return
     scheme = qconfig.get("kv_cache_scheme") or {}
     kinds: dict[tuple[Any, Any], str] = {("float", 8): "fp8_e4m3", ("int", 8): "int8"}
@@ -103,6 +128,6 @@ def _install_kv_cache(
     from ptq.passes.kv_cache import install_kv_cache_scales
 
     try:
-        install_kv_cache_scales(model, scales, dtype)  # type: ignore[arg-type]
+        install_kv_cache_scales(model, scales, dtype, structure)  # type: ignore[arg-type]
     except ValueError as exc:
         raise PtqInputError(f"{path}: {exc}") from None

@@ -111,7 +111,8 @@ def _auto_class(config: Any) -> Any:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     archs = config.architectures or []
-    causal = any("CausalLM" in a for a in archs) or (
+    causal_names = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    causal = any("CausalLM" in a or a in causal_names for a in archs) or (
         not archs and config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     )
     return AutoModelForCausalLM if causal else AutoModel
@@ -121,9 +122,12 @@ def build_skeleton(source: ModelSource, *, trust_remote_code: bool = False) -> t
     """The model's module tree with every parameter on the ``meta`` device (no weights).
 
     Buffers computed at construction (rotary tables) are real; weights are loaded part by
-    part by :class:`~ptq.models.weight_source.LazySource`.
+    part by :class:`~ptq.models.weight_source.LazySource`. Fused MoE experts are split
+    into per-expert Linears (:func:`~ptq.frontend.experts.unfuse_experts`).
     """
     from accelerate import init_empty_weights
+
+    from ptq.frontend.experts import unfuse_experts
 
     config = _hf_config(source, trust_remote_code)
     try:
@@ -135,6 +139,7 @@ def build_skeleton(source: ModelSource, *, trust_remote_code: bool = False) -> t
         raise PtqInputError(f"cannot build the model of {source.path}: {exc}") from None
     if getattr(config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
         model.tie_weights()
+    unfuse_experts(model)
     return model.eval()
 
 
@@ -151,7 +156,13 @@ def load_tokenizer(source: ModelSource, *, trust_remote_code: bool = False) -> A
 def load_fp_model(
     source: ModelSource, *, trust_remote_code: bool = False, validate: bool = True
 ) -> tuple[torch.nn.Module, Any]:
-    """Load the whole floating-point model (fp32) and its tokenizer from a resolved folder."""
+    """Load the whole floating-point model (fp32) and its tokenizer from a resolved folder.
+
+    Fused MoE experts are split into per-expert Linears
+    (:func:`~ptq.frontend.experts.unfuse_experts`), as in :func:`build_skeleton`.
+    """
+    from ptq.frontend.experts import unfuse_experts
+
     if validate:
         from ptq.io.safetensors_reader import SafetensorsIndex
 
@@ -164,4 +175,5 @@ def load_fp_model(
     except Exception as exc:
         raise PtqInputError(f"cannot load weights from {source.path}: {exc}") from None
     model.eval()
+    unfuse_experts(model)
     return model, load_tokenizer(source, trust_remote_code=trust_remote_code)

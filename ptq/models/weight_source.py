@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ptq.calibration.blocks import find_blocks
 from ptq.errors import PtqInputError
+from ptq.frontend.blocks import find_blocks
 from ptq.io.safetensors_reader import SafetensorsFile, SafetensorsIndex
 
 OVERLAY_FILE = "outer.safetensors"
@@ -113,6 +113,9 @@ class WeightSource:
         """The outer part, loaded as far as the code inside uses it (default: all of it)."""
         self.load_outer(original=original)
         yield
+
+    def load_modules(self, names: list[str], *, original: bool = False) -> None:
+        """Make the outer modules ``names`` real now (inside :meth:`outer_on_demand`)."""
 
     def release_outer(self) -> None:
         """Drop the outer part's weights (lazy) or move it back to the CPU (in memory)."""
@@ -221,13 +224,18 @@ class LazySource(WeightSource):
             )
 
     def _stored_names(self) -> dict[str, str | None]:
-        """For every tensor name: the checkpoint name holding it (tied aliases share one)."""
+        """For every tensor name: the checkpoint name holding it (tied aliases share one;
+        transformers' renamings applied, :mod:`ptq.models.checkpoint_names`)."""
+        from ptq.models.checkpoint_names import CheckpointNames
+
+        rename = CheckpointNames.of(self.model)
+        on_disk = {rename.to_memory(k): k for k in self.index}
         groups: dict[int, list[str]] = {}
         for name, t in _named_tensors(self.model):
             groups.setdefault(id(t), []).append(name)
         out: dict[str, str | None] = {}
         for names in groups.values():
-            stored = next((n for n in names if n in self.index), None)
+            stored = next((on_disk[n] for n in names if n in on_disk), None)
             for n in names:
                 out[n] = stored
         return out
@@ -341,6 +349,14 @@ class LazySource(WeightSource):
         finally:
             for h in handles:
                 h.remove()
+
+    def load_modules(self, names: list[str], *, original: bool = False) -> None:
+        wanted = set()
+        for name in names:
+            module = self.model.get_submodule(name)
+            wanted |= {f"{name}.{n}" for n, _ in _named_tensors(module)}
+        if wanted:
+            self._load(wanted, original=original)
 
     def release_outer(self) -> None:
         outer = self._outer_names()

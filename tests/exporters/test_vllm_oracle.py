@@ -20,20 +20,19 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ptq.exporters.vllm_oracle import VllmError, VllmOracle, find_vllm_python
+from ptq.exporters.vllm_oracle import VllmError, VllmOracle
 from ptq.exporters.vllm_support import CPU, layer_verdict
 from ptq.models.quantized_loader import load_quantized_model
 from ptq.plan import QuantPlan
 
 pytestmark = pytest.mark.vllm
-ROOT = Path(__file__).resolve().parents[2]
 
 # (CLI flags, mean |d log p| bound, max bound) on the tiny model
 SERVED = {
@@ -57,15 +56,6 @@ REFUSED = {
     "lorc": ["--w4a16", "--lorc", "4", "--target", "ptq"],
     "kv_int8": ["--w4a16", "--kv-cache", "int8", "--target", "ptq"],
 }
-
-
-@pytest.fixture(scope="module")
-def oracle() -> Iterator[VllmOracle]:
-    python = find_vllm_python([ROOT / ".venv-vllm/bin/python"])
-    if python is None:
-        pytest.skip("no vLLM environment (make setup builds .venv-vllm on x86-64 Linux)")
-    with VllmOracle(python) as o:
-        yield o
 
 
 @pytest.fixture(scope="module")

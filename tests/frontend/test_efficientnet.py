@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from ptq.formats import INT8, PerChannel, QuantFormat
-from ptq.frontend.capture import CaptureMethod, capture, find_decoder_blocks
-from ptq.frontend.fold import fold_all_conv_bn
-from ptq.frontend.patterns import find_patterns
+from ptq.frontend.blocks import find_blocks
+from ptq.frontend.capture import CaptureMethod, capture
+from ptq.frontend.fold import conv_bn_pairs, fold_all_conv_bn
 from ptq.frontend.qconv import QuantConv2d, quantize_conv_module
 from ptq.frontend.quantizable import discover
 
@@ -31,7 +31,7 @@ def lite0() -> nn.Module:
 def check_lite0(method: CaptureMethod) -> None:
     model = lite0()
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-    assert find_decoder_blocks(model) is None  # MBConv stages differ: whole-model capture
+    assert find_blocks(model) is None  # MBConv stages differ: whole-model capture
     cap = capture(model, (x[:1],), methods=(method,))
     assert cap.methods == {"": method}
     disc = discover(model, captured=cap)
@@ -42,12 +42,11 @@ def check_lite0(method: CaptureMethod) -> None:
     assert not disc.skipped
     depthwise = disc.ops["_blocks.1._depthwise_conv"]
     assert depthwise.in_features == 9  # [O, 1, 3, 3] -> K = 9
-    pats = find_patterns(cap)
-    assert len(pats.conv_bn) == 49  # Lite drops squeeze-excitation: every conv feeds a BN
-    assert len(pats.residuals) == 9  # repeats of the 7 stages: 0+1+1+2+2+3+0
+    pairs = conv_bn_pairs(cap)
+    assert len(pairs) == 49  # Lite drops squeeze-excitation: every conv feeds a BN
     ref = model(x)
     folded = fold_all_conv_bn(model, captured=cap)
-    assert len(folded) == len(pats.conv_bn)
+    assert folded == pairs
     assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)
     for name in convs:

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from ptq.frontend.capture import capture, find_decoder_blocks
-from ptq.frontend.patterns import find_patterns
+from ptq.frontend.blocks import find_blocks
+from ptq.frontend.capture import capture
 from ptq.frontend.quantizable import QuantizableOp, discover
 
 
@@ -66,7 +66,7 @@ def test_graph_discovery_and_custom_linear_is_reported() -> None:
     net = Net().eval()
     disc = discover(net, example_inputs=(torch.randn(1, 3, 4, 4),))
     assert disc.capture is not None and disc.capture.methods == {"": "export"}
-    assert find_decoder_blocks(net) is None
+    assert find_blocks(net) is None
     assert {(o.name, o.kind, o.in_features, o.out_features) for o in disc} == {
         ("conv", "conv2d", 27, 4),
         ("dw", "conv2d", 9, 4),
@@ -118,26 +118,3 @@ def test_hf_conv1d_weight_is_transposed() -> None:
 def test_weight_2d_without_weight_raises() -> None:
     with pytest.raises(ValueError, match="has no weight"):
         QuantizableOp("attn.sdpa", "matmul", 16, 0).weight_2d()
-
-
-class InlineNormBlock(nn.Module):
-    """An RMSNorm written inline (no norm module) feeding q/k/v."""
-
-    def __init__(self, d: int = 16) -> None:
-        super().__init__()
-        self.norm_weight = nn.Parameter(torch.ones(d))
-        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.norm_weight
-        att = nn.functional.scaled_dot_product_attention(self.q(h), self.k(h), self.v(h))
-        return x + self.o(att)
-
-
-def test_inline_rmsnorm_sequence_group() -> None:
-    pats = find_patterns(capture(InlineNormBlock(), (torch.randn(1, 4, 16),)))
-    assert len(pats.norm_linears) == 1
-    group = pats.norm_linears[0]
-    assert group.inline and group.linears == ("q", "k", "v")
-    assert [(p.v, p.o) for p in pats.value_output] == [("v", "o")]
-    assert [r.branch for r in pats.residuals] == ["o"]

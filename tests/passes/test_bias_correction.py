@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -16,16 +16,24 @@ from ptq.formats import INT3, INT4, PerChannel, QuantFormat, dequantize
 from ptq.formats.presets import preset
 from ptq.frontend.qconv import QuantConv2d
 from ptq.passes._groups import tensor_attr
-from ptq.passes.bias_correction import (
-    BiasCorrectionConfig,
-    BiasCorrectionPass,
-    output_bias_shift,
-)
+from ptq.passes.bias_correction import BiasCorrectionConfig, BiasCorrectionPass, output_moments
 from ptq.passes.rtn import RTNPass
 from ptq.pipeline import PassContext, Pipeline, QuantState
 from ptq.plan import build_plan
 from ptq.qlinear import QuantLinear
 from ptq.scheme import ACTIVATION_FORMATS, Scheme
+
+
+def output_bias_shift(
+    model: nn.Module,
+    fp_weights: dict[str, torch.Tensor],
+    fp_biases: dict[str, torch.Tensor | None],
+    forwards: Sequence[Callable[[], Any]],
+) -> dict[str, torch.Tensor]:
+    """``mean_x (y_fp(x) - layer(x))`` [out] for each named quantized layer."""
+    fp = {n: (w, fp_biases.get(n)) for n, w in fp_weights.items()}
+    return {n: m.shift() for n, m in output_moments(model, fp, forwards).items()}
+
 
 FIRST = "model.layers.0.self_attn.q_proj"  # sees the FP embeddings in every variant
 

@@ -4,7 +4,7 @@
 // compiled by nvcc it runs inside the kernels, compiled by g++ (PTQ_HD empty) it runs in
 // the host test harness that checks it, code by code, against ptq.formats.
 //
-// Value definitions (REFERENCE.md sections 1-2):
+// Value definitions (docs/formats.md sections 1-2):
 //   INT4 (compressed-tensors)  u in [0, 15] stored, value q = u - 8 (or u - zero_point)
 //   FP4 E2M1                   bit 3 sign, bits 2-1 exponent (bias 1), bit 0 mantissa
 //   FP8 E4M3 (OCP, "fn")       bit 7 sign, bits 6-3 exponent (bias 7), bits 2-0 mantissa,

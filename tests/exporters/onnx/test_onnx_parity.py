@@ -152,11 +152,31 @@ def test_fp_model_and_unsupported_arch(tiny_llama: Path, tmp_path: Path, ids: to
     assert path == tmp_path / "fp" / "model.onnx" and (tmp_path / "fp" / "tokenizer.json").is_file()
     diff, top1 = _compare(fp, make_session(path), ids)
     assert diff <= EXACT_TOL and top1 == 1.0
-    fp.config.model_type = "gpt_neox"
-    with pytest.raises(PtqUsageError, match="gpt_neox"):
-        export_onnx(fp, tmp_path / "x.onnx")
     with pytest.raises(PtqUsageError, match="weight_op"):
         export_onnx(fp, tmp_path / "y.onnx", weight_op="bogus")
+
+
+@pytest.mark.parametrize(
+    ("arch", "why"),
+    [
+        ("phi3", r"block 0: fused q/k/v projection model\.layers\.0\.self_attn\.qkv_proj"),
+        ("qwen3", r"keys through model\.layers\.0\.self_attn\.k_norm \(a key norm\)"),
+        ("mixtral", r"router model\.layers\.0\.mlp\.gate"),
+        ("gpt2", "rms_norm_eps"),
+    ],
+)
+def test_structures_the_exporter_cannot_write_are_named(
+    arch: str, why: str, tmp_path: Path
+) -> None:
+    from tiny_archs import tiny_model
+
+    from ptq.errors import PtqUsageError
+    from ptq.frontend.experts import unfuse_experts
+
+    model = tiny_model(arch)
+    unfuse_experts(model)
+    with pytest.raises(PtqUsageError, match=why):
+        export_onnx(model, tmp_path / "x.onnx")
 
 
 def test_mse_clipped_scheme_exports(tiny_llama: Path, tmp_path: Path, ids: torch.Tensor) -> None:

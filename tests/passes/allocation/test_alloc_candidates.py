@@ -34,7 +34,7 @@ def test_int4_g128_4096_by_hand() -> None:
     expected = 4096 * 4096 // 2 + 4096 * 32 * 2
     assert expected == 8_650_752
     assert candidate_bytes(Candidate("int4_g128", INT4_G128), 4096, 4096) == expected
-    # 4.125 bits per weight (REFERENCE.md section 4)
+    # 4.125 bits per weight (docs/invariants.md, "Serving arithmetic")
     assert 8 * expected / 4096**2 == 4.125
 
 
