@@ -66,7 +66,9 @@ def scheme_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     fn = click.option(
         "--weight-format",
         default=None,
-        help="Override the weight format (a preset name, see `ptq formats`).",
+        help="Override the weight format: a preset (`ptq formats`) or a descriptor such as "
+        "int5_g64, int4_g32_asym, fp6_e3m2_g32, fp4_e2m1_g16_ue5m3 (grammar: "
+        "`ptq formats --help`).",
     )(fn)
     fn = click.option(
         "--scale-rule",
@@ -122,9 +124,9 @@ def build_scheme(
         scheme = get_scheme(chosen[0] if chosen else "w4a16")
         weight = None
         if weight_format is not None:
-            from ptq.formats.presets import get_preset
+            from ptq.formats.names import parse_format
 
-            weight = get_preset(weight_format)
+            weight = parse_format(weight_format)
         kwargs: dict[str, Any] = {"weight": weight, "group_size": group_size}
         if act_format is not None:
             kwargs["activation"] = get_activation(act_format)
@@ -529,11 +531,34 @@ def plan(model: str, as_json: bool, trust_remote_code: bool, **scheme_kw: Any) -
 
 
 @main.command()
-def formats() -> None:
-    """List every element format and preset with bits/weight, range and smallest step."""
+@click.argument("names", nargs=-1)
+@_friendly
+def formats(names: tuple[str, ...]) -> None:
+    """List every element format and preset with bits/weight, range and smallest step;
+    with NAMES, describe those formats (presets or descriptors).
+
+    \b
+    Anything --weight-format takes is a preset name or a descriptor:
+      descriptor  := element [_granularity] {_modifier}
+      element     := int{B}            signed integer, B in 2..8
+                   | fp{N}_e{E}m{M}    minifloat ExMy, N = 1 + E + M <= 8
+      granularity := g{G}              one scale per G inputs
+                   | channel           one scale per output row (default)
+                   | tensor            one scale for the tensor
+                   | b{R}x{C}          one scale per R x C tile
+      modifier    := asym              integers: a zero point per scale block
+                   | global            an fp32 per-tensor second level (as NVFP4)
+                   | fp16|bf16|fp32|e8m0|e4m3|ue5m3|pow2   scale storage (default fp16)
+    Examples: int5_g64, int4_g32_asym, fp6_e3m2_g32, fp4_e2m1_g16_ue5m3,
+    fp4_e2m1_g16_e4m3_global, int8_b128x128. Minifloats use the bias 2^(E-1)-1; FP8
+    E4M3 is OCP's (no Inf), E5M2 IEEE-style, other ExMy all-finite.
+    """
     from ptq.formats.table import format_table
 
-    rows = format_table()
+    try:
+        rows = format_table(names)
+    except ValueError as exc:
+        raise PtqUsageError(str(exc)) from None
     header = ("name", "bits/weight", "max", "smallest step", "description")
     cells = [header] + [
         tuple(f"{c:g}" if isinstance(c, float) else str(c) for c in _row_cells(r)) for r in rows
