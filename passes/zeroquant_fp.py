@@ -36,6 +36,7 @@ from ptq.formats import FP4_E2M1, FP8_E4M3, FloatFormat, PerChannel, PerGroup, Q
 from ptq.formats.minifloat import encode_float, round_to_float_grid
 from ptq.formats.scale_rules import pow2_cover
 from ptq.modules import replace_module
+from ptq.steps import record_step
 from ptq.pipeline import Pass, PassContext, QuantState
 from ptq.qlinear import QuantLinear
 
@@ -160,3 +161,4 @@ class ZeroQuantFPPass(Pass):
             replace_module(
                 state.model, lp.name, QuantLinear(res.qtensor, module.bias, lp.activation)
             )
+            record_step(ctx.records, lp.name, self.name)

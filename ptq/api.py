@@ -39,6 +39,7 @@ from ptq.output import atomic_output_dir, check_output_dir
 from ptq.pipeline import Pass, PassContext, Pipeline, QuantState
 from ptq.plan import QuantPlan, build_plan
 from ptq.scheme import Scheme, get_scheme
+from ptq.steps import apply_steps
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -279,6 +280,7 @@ def _quantize(
         RunSettings(eval_windows=windows, offload=offload_dir, checkpoint=ckpt, writer=writer),
         transformed=functools.partial(_transformed_folder, work, skeleton, dev),
     )
+    apply_steps(plan, ctx.records)
     result = QuantizeResult(model=None, plan=plan, output=out, records=ctx.records)
     result.fp_ppl, result.quant_ppl = outcome.perplexities()
     if main and result.fp_ppl is not None and result.quant_ppl is not None:
@@ -415,6 +417,7 @@ def _quantize_in_memory(
     ctx = PassContext(seed=seed, progress=progress, distributed=dctx, device=device)
     ctx.calibration = _calibration(pipe, scheme, calibration, tokenizer, source, seed)
     pipe.run(QuantState(model=fp_model, plan=plan, tokenizer=tokenizer), ctx)
+    apply_steps(plan, ctx.records)
     result.records = ctx.records
     if eval_ids is not None and eval_cfg is not None:
         result.quant_ppl = perplexity(

@@ -18,7 +18,7 @@ from ptq.devices import DEVICE_HELP
 from ptq.errors import PtqError, PtqUsageError
 
 SCHEME_FLAGS = ("w4a16", "w4a8", "w8a8", "fp8", "w8a16")
-SCALE_RULE_NAMES = ("amax", "full-range", "mx", "mx-round-up")
+SCALE_RULE_NAMES = ("amax", "span", "full-range", "mx", "mx-round-up")
 CLIP_NAMES = ("none", "mse")
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from torch import nn
@@ -23,7 +23,12 @@ PLAN_VERSION = 1
 
 @dataclass(frozen=True, kw_only=True)
 class LayerPlan:
-    """What happens to one layer."""
+    """What happens to one layer.
+
+    ``method`` is the steps that changed its weight, joined by ``+`` (``awq+gptq``;
+    after a run, what actually ran: :mod:`ptq.steps`); ``rounding`` how its codes were
+    rounded (``nearest``, or ``stochastic`` for ``--rounding stochastic``).
+    """
 
     name: str
     in_features: int
@@ -31,6 +36,7 @@ class LayerPlan:
     weight: QuantFormat
     activation: ActivationScheme | None
     method: str = "rtn"
+    rounding: str = "nearest"
 
     @property
     def group_size(self) -> int | None:
@@ -44,6 +50,7 @@ class LayerPlan:
             "weight": format_to_dict(self.weight),
             "activation": None if self.activation is None else self.activation.to_dict(),
             "method": self.method,
+            "rounding": self.rounding,
         }
 
     @classmethod
@@ -56,6 +63,7 @@ class LayerPlan:
             weight=format_from_dict(data["weight"]),
             activation=None if act is None else ActivationScheme.from_dict(act),
             method=str(data.get("method", "rtn")),
+            rounding=str(data.get("rounding", "nearest")),
         )
 
 
@@ -103,15 +111,7 @@ class QuantPlan:
                     del self.layers[name]
                     self.skipped[name] = f"override {pattern}"
                 else:
-                    lp = self.layers[name]
-                    self.layers[name] = LayerPlan(
-                        name=name,
-                        in_features=lp.in_features,
-                        out_features=lp.out_features,
-                        weight=weight,
-                        activation=lp.activation,
-                        method=lp.method,
-                    )
+                    self.layers[name] = replace(self.layers[name], weight=weight)
 
     def summary_rows(self) -> list[tuple[str, str, str, str]]:
         rows = []
