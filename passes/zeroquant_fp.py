@@ -36,9 +36,9 @@ from ptq.formats import FP4_E2M1, FP8_E4M3, FloatFormat, PerChannel, PerGroup, Q
 from ptq.formats.minifloat import encode_float, round_to_float_grid
 from ptq.formats.scale_rules import pow2_cover
 from ptq.modules import replace_module
-from ptq.steps import record_step
 from ptq.pipeline import Pass, PassContext, QuantState
 from ptq.qlinear import QuantLinear
+from ptq.steps import record_step
 
 Variant = Literal["m1", "m2"]
 
