@@ -158,3 +158,35 @@ def llama_residual(model: nn.Module) -> Residual:
         head="lm_head",
         layers=tuple(f"model.layers.{i}" for i in range(n)),
     )
+
+
+def foldable(model: nn.Module, group: LinearGroup) -> bool:
+    """Whether a per-channel scale on ``group``'s readers can be folded into its producer:
+    not ``up_proj -> down_proj`` when ``down_proj``'s input is rotated online (the
+    Hadamard sits between them)."""
+    if group.kind == "linear" and not group.producer.endswith("v_proj"):
+        mlp = model.get_submodule(group.producer.rpartition(".")[0])
+        return not getattr(mlp, "online_hadamard", False)
+    return True
+
+
+def fold_scales(model: nn.Module, group: LinearGroup, s: torch.Tensor) -> None:
+    """``Y = (X diag(s)^-1)(W diag(s))^T``: divide the producer's output channels by
+    ``s`` (a norm's weight, or a producer linear's rows and bias) and multiply every
+    reader's input columns by ``s`` (expanded to reader channels); in float64, so the FP
+    model's outputs are unchanged up to rounding."""
+    producer = model.get_submodule(group.producer)
+    sd = s.double()
+    with torch.no_grad():
+        pw = tensor_attr(producer, "weight")
+        if group.kind == "norm":
+            pw.copy_(pw.double() / sd)
+        else:
+            pw.copy_(pw.double() / sd[:, None])
+            if getattr(producer, "bias", None) is not None:
+                pb = tensor_attr(producer, "bias")
+                pb.copy_(pb.double() / sd)
+        sr = group.to_reader(sd)
+        for name in group.readers:
+            w = tensor_attr(model.get_submodule(name), "weight")
+            w.copy_(w.double() * sr[None, :])

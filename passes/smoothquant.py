@@ -34,7 +34,7 @@ from torch import nn
 
 from ptq.activation import fake_quantize_activation
 from ptq.formats import QuantFormat, fake_quantize
-from ptq.passes._groups import LinearGroup, llama_groups, tensor_attr
+from ptq.passes._groups import LinearGroup, fold_scales, foldable, llama_groups, tensor_attr
 from ptq.passes.act_calibration import observe_inputs
 from ptq.pipeline import Pass, PassContext, QuantState
 from ptq.scheme import ActivationScheme
@@ -103,31 +103,11 @@ class SmoothQuantConfig:
             raise ValueError("search_tokens must be >= 1")
 
 
-def fold_smoothing(model: nn.Module, group: LinearGroup, s: torch.Tensor) -> None:
-    """Divide the producer's output channels by ``s`` and scale reader inputs by ``s``."""
-    producer = model.get_submodule(group.producer)
-    sd = s.double()
-    with torch.no_grad():
-        pw = tensor_attr(producer, "weight")
-        if group.kind == "norm":
-            pw.copy_(pw.double() / sd)
-        else:
-            pw.copy_(pw.double() / sd[:, None])
-            if getattr(producer, "bias", None) is not None:
-                pb = tensor_attr(producer, "bias")
-                pb.copy_(pb.double() / sd)
-        sr = group.to_reader(sd)
-        for name in group.readers:
-            w = tensor_attr(model.get_submodule(name), "weight")
-            w.copy_(w.double() * sr[None, :])
-
-
 def _eligible(model: nn.Module, group: LinearGroup, cfg: SmoothQuantConfig) -> bool:
     if group.kind == "linear" and group.producer.endswith("v_proj"):
         return cfg.attn_v_o
     if group.kind == "linear":
-        mlp = model.get_submodule(group.producer.rpartition(".")[0])
-        return cfg.mlp_up_down and not getattr(mlp, "online_hadamard", False)
+        return cfg.mlp_up_down and foldable(model, group)
     return True
 
 
@@ -191,7 +171,7 @@ class SmoothQuantPass(Pass):
                 x = torch.cat(samples[g.readers[0]])
                 alpha = self._search(state, g, weights, x, x_absmax, w_absmax)
             if alpha is not None:
-                fold_smoothing(model, g, smoothing_factors(x_absmax, w_absmax, alpha))
+                fold_scales(model, g, smoothing_factors(x_absmax, w_absmax, alpha))
             chosen[g.producer] = "off" if alpha is None else alpha
         record = ctx.records.setdefault("smoothquant", {"search": cfg.search, "alpha": {}})
         record["alpha"].update(chosen)

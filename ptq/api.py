@@ -81,10 +81,19 @@ class QuantizeResult:
     rank: int = 0
 
 
-def default_pipeline(method: str = "rtn") -> Pipeline:
-    from ptq.passes.registry import make_weight_pass
+def default_pipeline(scheme: Scheme, calibration: CalibrationConfig | None = None) -> Pipeline:
+    """What ``ptq quantize`` runs without ``--method``: the best measured method for the
+    scheme (:func:`ptq.compose.default_method`), plus static activation calibration."""
+    from ptq.compose import build_passes, default_method
+    from ptq.models.paths import default_calibration_files
 
-    return Pipeline([make_weight_pass(method)])
+    available = calibration is not None and calibration.path is not None
+    if not available:
+        try:
+            available = bool(default_calibration_files())
+        except PtqInputError:
+            available = False
+    return Pipeline(build_passes(scheme, method=default_method(scheme, available)))
 
 
 def _as_scheme(scheme: Scheme | str) -> Scheme:
@@ -122,7 +131,8 @@ def quantize(
         scheme: A :class:`~ptq.scheme.Scheme` or a preset name (``w4a8`` ...).
         output: Folder for the compressed-tensors checkpoint (written atomically). Given,
             the model is read block by block and never loaded whole.
-        pipeline: Passes to run (default: round-to-nearest).
+        pipeline: Passes to run (default: :func:`default_pipeline`, GPTQ for weights
+            of 4 bits or fewer, else round-to-nearest).
         calibration: Calibration data settings (used when a pass needs data).
         evaluate: FP and quantized perplexity on held-out text (in the same block-wise
             run when ``output`` is given).
@@ -227,7 +237,7 @@ def _quantize(
     pipe = (
         pipeline
         if isinstance(pipeline, Pipeline)
-        else Pipeline(pipeline or default_pipeline().passes)
+        else Pipeline(pipeline or default_pipeline(scheme, calibration).passes)
     )
     dev = resolve_device(device, None if dctx is None else dctx.local_rank)
     if out is None:

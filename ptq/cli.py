@@ -74,9 +74,10 @@ def scheme_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         "--scale-rule",
         type=click.Choice(SCALE_RULE_NAMES),
         default=None,
-        help="Weight scale rule: amax (s = amax / q_max) or full-range (s = v* / -2^(b-1), "
-        "v* the signed peak: all 2^b INT levels used, as ONNX Runtime's RTN); default: "
-        "the format's own.",
+        help="Weight scale rule: amax (s = amax / q_max), span (s = amax / ((q_max - q_min) / "
+        "2), compressed-tensors' rule) or full-range (s = v* / -2^(b-1), v* the signed "
+        "peak: all 2^b INT levels used, as ONNX Runtime's RTN). Default: full-range for "
+        "symmetric INT weights of 4 bits or fewer (the best measured), else amax.",
     )(fn)
     fn = click.option(
         "--clip",
@@ -125,8 +126,10 @@ def build_scheme(
         weight = None
         if weight_format is not None:
             from ptq.formats.names import parse_format
+            from ptq.scheme import best_scale_rule
 
             weight = parse_format(weight_format)
+            weight = weight if scale_rule is not None else best_scale_rule(weight)
         kwargs: dict[str, Any] = {"weight": weight, "group_size": group_size}
         if act_format is not None:
             kwargs["activation"] = get_activation(act_format)
@@ -174,7 +177,30 @@ def main() -> None:
     "-o", "--output", type=click.Path(path_type=Path), required=True, help="Output folder."
 )
 @scheme_options
-@click.option("--method", default="rtn", show_default=True, help="Weight rounding method.")
+@click.option(
+    "--method",
+    default=None,
+    help="Weight method: rtn, gptq, adaround, adaquant, zeroquant_fp, each optionally after "
+    "awq+ (awq+gptq: AWQ scales and clipping, then GPTQ rounding; awq alone: awq+rtn). "
+    "Default: gptq for weights of 4 bits or fewer when calibration text is available "
+    "(the best measured), rtn otherwise.",
+)
+@click.option(
+    "--rounding",
+    type=click.Choice(["nearest", "stochastic"]),
+    default="nearest",
+    show_default=True,
+    help="RTN's rounding: to nearest (ties to even), or stochastic (floor(w/s + u), u ~ "
+    "U[0,1), seeded per layer by --seed). stochastic without --method means rtn.",
+)
+@click.option(
+    "--act-observer",
+    type=click.Choice(["minmax", "percentile", "mse", "kl"]),
+    default=None,
+    help="Observer of static activation ranges (static --act-format only): minmax, "
+    "percentile (99.99th of |x|), mse (least quantization error) or kl (TensorRT "
+    "entropy). Default: minmax.",
+)
 @click.option(
     "--calib",
     type=click.Path(path_type=Path),
@@ -305,7 +331,9 @@ def main() -> None:
 def quantize(
     model: str,
     output: Path,
-    method: str,
+    method: str | None,
+    rounding: str,
+    act_observer: str | None,
     calib: Path | None,
     calib_samples: int,
     calib_seqlen: int,
@@ -347,8 +375,13 @@ def quantize(
     from ptq.api import quantize as run
 
     _quiet_libraries(quiet)
-    from ptq.passes.registry import make_weight_pass, method_options
+    from ptq.passes.registry import make_method_passes, method_options
 
+    if recipe is not None and (method or rounding != "nearest" or act_observer):
+        raise PtqUsageError(
+            "--method/--rounding/--act-observer with --recipe: set them in the recipe"
+        )
+    method = method or _default_method(scheme_kw, calib, rounding, bool(budget or budget_latency))
     knobs = {
         k: v
         for k, v in {"percdamp": percdamp, "act_order": act_order, "iterations": iterations}.items()
@@ -406,12 +439,14 @@ def quantize(
             budget, budget_latency, candidates, estimator, kernel_efficiency=kernel_efficiency
         )
         try:
-            make_weight_pass(method, **knobs)
+            make_method_passes(method, **knobs)
         except (ValueError, TypeError) as exc:
             raise PtqUsageError(f"--method {method}: {exc}") from None
         passes = build_passes(
             scheme,
             method=method,
+            rounding=rounding,
+            act_observer=act_observer,
             knobs=knobs,
             smoothquant=smoothquant,
             rotate=rotate,
@@ -457,6 +492,33 @@ def quantize(
         )
     click.echo(serving_summary(result.plan, passes))
     click.echo(f"done in {result.seconds:.1f} s")
+
+
+def _default_method(
+    scheme_kw: dict[str, Any], calib: Path | None, rounding: str, budget: bool
+) -> str:
+    """``--method`` when none is given (:func:`ptq.compose.default_method`); ``rtn`` for
+    stochastic rounding and for a budget (the allocation measured its candidates so)."""
+    from ptq.compose import default_method
+
+    if rounding == "stochastic" or budget:
+        return "rtn"
+    has_scheme = any(scheme_kw[k] for k in ("scheme_flags", "scheme_name", "weight_format"))
+    if not has_scheme:
+        return "rtn"  # build_scheme reports the missing scheme (or --budget picks formats)
+    return default_method(build_scheme(**scheme_kw), _calibration_available(calib))
+
+
+def _calibration_available(calib: Path | None) -> bool:
+    """A --calib file, or the default plays installed."""
+    if calib is not None:
+        return True
+    from ptq.models.paths import default_calibration_files
+
+    try:
+        return bool(default_calibration_files())
+    except PtqError:
+        return False
 
 
 @main.command("eval")
