@@ -79,9 +79,7 @@ def _clamp(w: torch.Tensor, fmt: QuantFormat, ratio: torch.Tensor) -> torch.Tens
     return torch.maximum(torch.minimum(w, top), bottom)
 
 
-def _block_errors(
-    x: torch.Tensor, diff: torch.Tensor, block: tuple[int, int]
-) -> torch.Tensor:
+def _block_errors(x: torch.Tensor, diff: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     """``sum_tokens (X_B D_B^T)^2`` per scale block ``[R/r, C/c]`` of ``diff`` [R, C]."""
     r, c = block
     rows, cols = diff.shape
