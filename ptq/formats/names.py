@@ -143,7 +143,7 @@ def parse_descriptor(name: str) -> QuantFormat:
         elif part in SCALE_FORMATS:
             if seen & set(SCALE_FORMATS) - {part}:
                 raise _fail(name, part, "a second scale format")
-            scale = part  # type: ignore[assignment]
+            scale = part
         elif _granularity(name, part) is not None:
             raise _fail(name, part, "the granularity comes right after the element")
         else:
