@@ -105,8 +105,9 @@ def route_options(method: str, options: dict[str, Any]) -> dict[str, dict[str, A
         owners = [s for s in steps if key in keys[s]]
         if len(owners) != 1:
             allowed = "; ".join(f"{s}: {sorted(keys[s])}" for s in steps)
-            what = "is ambiguous" if owners else "is not an option"
-            raise ValueError(f"{key!r} {what} of --method {method} ({allowed})")
+            if owners:
+                raise ValueError(f"option {key!r} of --method {method} is ambiguous ({allowed})")
+            raise ValueError(f"unknown option(s) [{key!r}] of --method {method}; allowed: {allowed}")
         out[owners[0]][key] = value
     return out
 

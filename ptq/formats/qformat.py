@@ -116,8 +116,8 @@ class QuantFormat:
             )
         if self.scale_format not in FULL_RANGE_SCALES:
             raise ValueError(
-                f"scale rule {rule!r} needs a plain float scale: use one of "
-                f"{', '.join(FULL_RANGE_SCALES)}, not {self.scale_format!r}"
+                f"scale rule {rule!r} needs a plain float scale (full_range stores signed "
+                f"scales): use one of {', '.join(FULL_RANGE_SCALES)}, not {self.scale_format!r}"
             )
 
     def with_granularity(self, granularity: Granularity) -> QuantFormat:
