@@ -107,7 +107,9 @@ def route_options(method: str, options: dict[str, Any]) -> dict[str, dict[str, A
             allowed = "; ".join(f"{s}: {sorted(keys[s])}" for s in steps)
             if owners:
                 raise ValueError(f"option {key!r} of --method {method} is ambiguous ({allowed})")
-            raise ValueError(f"unknown option(s) [{key!r}] of --method {method}; allowed: {allowed}")
+            raise ValueError(
+                f"unknown option(s) [{key!r}] of --method {method}; allowed: {allowed}"
+            )
         out[owners[0]][key] = value
     return out
 
