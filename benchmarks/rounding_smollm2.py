@@ -62,6 +62,7 @@ FORMATS: dict[str, QuantFormat] = {
     "int4_channel": get_preset("int4_channel"),
     "int3_g64": get_preset("int3_g64"),
     "nvfp4": get_preset("nvfp4"),
+    "int8_channel": get_preset("int8_channel"),
 }
 OURS: dict[str, Callable[[], Pass | list[Pass]]] = {
     "RTN": RTNPass,
