@@ -190,6 +190,14 @@ def main() -> None:
         action="store_true",
         help="Keep the rows of earlier runs (OUT with .json); rows run again replace theirs.",
     )
+    ap.add_argument(
+        "--merge",
+        type=Path,
+        action="append",
+        default=[],
+        help="Rows (.json) of another run of this script with the same settings (e.g. the "
+        "llm-compressor rows run in a parallel process) to include in OUT.",
+    )
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     source = resolve_model("default", quiet=True)
@@ -210,6 +218,9 @@ def main() -> None:
     store = a.out.with_suffix(".json")
     if a.append and store.exists():
         rows = json.loads(store.read_text())
+    for extra in a.merge:
+        for row in json.loads(extra.read_text()):
+            add_row(rows, row)
     for fname, fmt in FORMATS.items():
         scheme = Scheme(name=fname, weight=fmt, activation=None, group_size_is_ceiling=False)
         for method, peer_method in PEERS.items():
@@ -298,6 +309,8 @@ def main() -> None:
                 },
             )
             write(rows, fp_ppl, a.out, header)
+    if rows:
+        write(rows, fp_ppl, a.out, header)
 
 
 if __name__ == "__main__":
