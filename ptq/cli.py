@@ -199,7 +199,7 @@ def main() -> None:
     default=None,
     help="Observer of static activation ranges (static --act-format only): minmax, "
     "percentile (99.99th of |x|), mse (least quantization error) or kl (TensorRT "
-    "entropy). Default: minmax.",
+    "entropy). Default: mse (the best measured).",
 )
 @click.option(
     "--calib",

@@ -25,7 +25,6 @@ if TYPE_CHECKING:
     from ptq.passes.lorc import FactorFormat
 
 
-DEFAULT_OBSERVER = "minmax"
 LOW_BITS = 4
 BEST_LOW_BIT_METHOD = "gptq"
 
@@ -130,8 +129,12 @@ def build_passes(
         if static:
             from ptq.passes.act_calibration import ActCalibrationConfig, ActCalibrationPass
 
-            observer = cast("ObserverName", act_observer or DEFAULT_OBSERVER)
-            inner.append(ActCalibrationPass(ActCalibrationConfig(observer=observer)))
+            config = (
+                ActCalibrationConfig()
+                if act_observer is None
+                else ActCalibrationConfig(observer=cast("ObserverName", act_observer))
+            )
+            inner.append(ActCalibrationPass(config))
         if bias_correction and stats_tuning:
             raise PtqUsageError("choose --bias-correction or --stats-tuning (it includes it)")
         if bias_correction or stats_tuning:

@@ -34,7 +34,7 @@ def test_minmax_scales_match_observed_absmax(tiny_lm: Callable[[], LlamaForCausa
         model(input_ids=cal[:1])  # static scheme without scales cannot run
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     acts = {n: m.activation for n, m in layers.items()}
-    Pipeline([ActCalibrationPass()]).run(state, ctx)
+    Pipeline([ActCalibrationPass(ActCalibrationConfig(observer="minmax"))]).run(state, ctx)
     # independent observation, block by block: the earlier blocks fully quantized (with
     # their calibrated scales), this block's activation quantization off
     expected: dict[str, torch.Tensor] = {}
@@ -77,7 +77,7 @@ def test_clipping_observers_stay_within_minmax(
     tiny_lm: Callable[[], LlamaForCausalLM], observer: str
 ) -> None:
     cal = torch.randint(0, 320, (4, 16), generator=torch.Generator().manual_seed(1))
-    minmax = _scales(tiny_lm(), cal, ActCalibrationConfig())
+    minmax = _scales(tiny_lm(), cal, ActCalibrationConfig(observer="minmax"))
     clipped = _scales(tiny_lm(), cal, ActCalibrationConfig(observer=observer, percentile=99.0))  # type: ignore[arg-type]
     assert clipped.keys() == minmax.keys() and len(minmax) == 14
     # Block 0 sees the same inputs under both (later blocks see the earlier blocks
