@@ -2,9 +2,11 @@
 
 Used by the scaling benchmarks (``scale_cpu.py``, ``gpu_quantize.sh``): the model is
 built on the meta device, each tensor is drawn (normal, std 0.02; norms 1) from a
-seeded generator and written shard by shard, so writing an 8B model needs one shard of
-memory, not the model. The SmolLM2 tokenizer (vocabulary 49152) is copied in when the
-cache has it, so ``ptq quantize`` can tokenize calibration text. Usage::
+seeded generator (on a GPU when ``--device cuda``: an 8B model in seconds) and written
+shard by shard, so writing an 8B model needs one shard of memory, not the model. The
+SmolLM2 tokenizer (vocabulary 49152) is copied in when the cache has it, or with
+``--train-tokenizer TEXT`` a byte-level BPE tokenizer is trained on ``TEXT`` (a machine
+without the cache), so ``ptq quantize`` can tokenize calibration text. Usage::
 
     python benchmarks/random_llama.py OUT --hidden 2048 --layers 12 --intermediate 6144
 """
@@ -51,7 +53,26 @@ def llama_config(
     }
 
 
-def write_model(folder: Path, config: dict[str, object], seed: int = 0) -> int:
+def train_tokenizer(text: Path, folder: Path, vocab: int = 16000) -> None:
+    """A byte-level BPE tokenizer trained on ``text``, saved into ``folder``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train([str(text)], trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+    fast.save_pretrained(folder)
+
+
+def write_model(folder: Path, config: dict[str, object], seed: int = 0, device: str = "cpu") -> int:
     """Write ``config.json`` and random weights into ``folder``; returns the weight bytes."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -63,7 +84,7 @@ def write_model(folder: Path, config: dict[str, object], seed: int = 0) -> int:
     dtype = getattr(torch, str(config["torch_dtype"]))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = total = 0
     names: list[str] = []
@@ -88,7 +109,7 @@ def write_model(folder: Path, config: dict[str, object], seed: int = 0) -> int:
         if "norm" in name:
             t = torch.ones(p.shape, dtype=dtype)
         else:
-            t = (torch.randn(p.shape, generator=gen) * 0.02).to(dtype)
+            t = (torch.randn(p.shape, generator=gen, device=device) * 0.02).to(dtype).cpu()
         nbytes = t.numel() * t.element_size()
         if size and size + nbytes > SHARD_BYTES:
             flush()
@@ -125,6 +146,8 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=49152)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--tied", action="store_true")
+    ap.add_argument("--device", default="cpu", help="where the random numbers are drawn")
+    ap.add_argument("--train-tokenizer", type=Path, default=None, metavar="TEXT")
     args = ap.parse_args()
     cfg = llama_config(
         args.hidden,
@@ -136,7 +159,9 @@ def main() -> None:
         args.tied,
         args.dtype,
     )
-    size = write_model(args.out, cfg)
+    size = write_model(args.out, cfg, device=args.device)
+    if args.train_tokenizer is not None:
+        train_tokenizer(args.train_tokenizer, args.out)
     print(f"wrote {args.out}: {size / 2**30:.2f} GiB")
 
 

@@ -2,9 +2,11 @@
 
 A run that writes an output keeps a work folder ``.OUT.work`` beside it. After a block
 is finished the runner may checkpoint: the activation streams entering the next block
-(``streams.safetensors``), the writer's spool table, the records so far and the next
-block's index (``state.json``), each replaced atomically, the state last, so the state
-never names a half-written file. Rerunning the same command finds the state and
+(``streams-NNNNN/``, one safetensors file per batch, written one at a time so a
+checkpoint costs one batch of extra memory), then the writer's spool table, the records
+so far and the next block's index (``state.json``, replaced atomically), and only then
+the previous checkpoint's streams are deleted: the state never names a half-written
+file. Rerunning the same command finds the state and
 continues after the last checkpointed block; the work done since is redone, with the
 same result, so the output is byte-identical to an uninterrupted run. A state written
 by a different command (its fingerprint: the model, plan, pipeline, calibration data,
@@ -21,6 +23,7 @@ import hashlib
 import json
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,8 +34,7 @@ from safetensors.torch import load_file, save_file
 from ptq.errors import PtqUsageError
 
 STATE_FILE = "state.json"
-STREAMS_FILE = "streams.safetensors"
-STATE_VERSION = 2
+STATE_VERSION = 3
 
 
 def fingerprint(parts: dict[str, Any]) -> str:
@@ -105,8 +107,11 @@ class Checkpointer:
         state = self._state()
         if state is None:
             return None
-        streams = self.work / STREAMS_FILE
-        return state, (load_file(str(streams)) if streams.is_file() else {})
+        folder = self.work / str(state["streams"])
+        streams = {}
+        for key in state["stream_keys"]:
+            streams[key] = load_file(str(folder / f"{key}.safetensors"))["t"]
+        return state, streams
 
     def clear(self) -> None:
         shutil.rmtree(self.work, ignore_errors=True)
@@ -114,17 +119,31 @@ class Checkpointer:
     def due(self) -> bool:
         return self.enabled and time.perf_counter() - self._last >= self.interval_s
 
-    def save(self, state: dict[str, Any], streams: dict[str, torch.Tensor]) -> None:
-        """Write ``streams`` then ``state`` (atomically, in that order)."""
+    def save(self, state: dict[str, Any], streams: Iterator[tuple[str, torch.Tensor]]) -> None:
+        """Write the ``streams`` (one tensor at a time) into a new folder, then ``state``
+        (atomically), then drop the previous checkpoint's streams."""
         if not self.enabled:
             return
         self.work.mkdir(parents=True, exist_ok=True)
-        if streams:
-            tmp = self.work / (STREAMS_FILE + ".tmp")
-            save_file({k: v.contiguous() for k, v in streams.items()}, str(tmp))
-            tmp.replace(self.work / STREAMS_FILE)
-        full = {"version": STATE_VERSION, "fingerprint": self.key, **state}
+        folder_name = f"streams-{int(state['next_block']):05d}"
+        folder = self.work / folder_name
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir()
+        keys = []
+        for key, t in streams:
+            save_file({"t": t.detach().contiguous().cpu()}, str(folder / f"{key}.safetensors"))
+            keys.append(key)
+        full = {
+            "version": STATE_VERSION,
+            "fingerprint": self.key,
+            **state,
+            "streams": folder_name,
+            "stream_keys": keys,
+        }
         tmp_state = self.work / (STATE_FILE + ".tmp")
         tmp_state.write_text(json.dumps(full, default=str))
         tmp_state.replace(self.work / STATE_FILE)
+        for old in self.work.glob("streams-*"):
+            if old.name != folder_name:
+                shutil.rmtree(old, ignore_errors=True)
         self._last = time.perf_counter()

@@ -29,12 +29,14 @@ from safetensors shards (:mod:`ptq.models.weight_source`). Streams kept:
 
 from __future__ import annotations
 
+import itertools
+import json
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -45,6 +47,7 @@ from ptq.calibration.checkpoint import Checkpointer
 from ptq.calibration.stages import split_calibration
 from ptq.calibration.streams import Stream
 from ptq.calibration.units import Unit, block_forward, replayed_forward
+from ptq.memory import release_freed
 from ptq.models.weight_source import OVERLAY_FILE, WeightSource
 from ptq.pipeline import Pass, PassContext, QuantState, check_contract
 
@@ -111,6 +114,8 @@ class RunSettings:
         writer: Receives finished tensors (None: nothing written).
         eval_fp, eval_q: Which perplexities this sweep measures (a run split in two
             sweeps measures the FP model in the first and the quantized in the last).
+        work: The run's own folder (outer weights changed before the blocks are kept
+            there while released: the rotated embedding of a lazily read model).
     """
 
     eval_windows: torch.Tensor | None = None
@@ -119,6 +124,47 @@ class RunSettings:
     writer: Writer | None = None
     eval_fp: bool = True
     eval_q: bool = True
+    work: Path | None = None
+
+
+class TransformedStore(Protocol):
+    """Where a run split in two sweeps keeps the transformed FP weights."""
+
+    def writer(self, passes: Sequence[Pass]) -> Writer:
+        """A fresh writer for the first sweep (what was there before is dropped)."""
+        ...
+
+    def open(self) -> WeightSource:
+        """The written weights, as the second sweep's source."""
+        ...
+
+
+def _first_sweep(
+    source: WeightSource,
+    state: QuantState,
+    before: list[Pass],
+    ctx: PassContext,
+    settings: RunSettings,
+    store: TransformedStore | None,
+) -> tuple[WeightSource, RunOutcome]:
+    """Run the passes before a deciding pass; returns the source the rest reads."""
+    ckpt = settings.checkpoint
+    marker = None if ckpt is None or store is None else ckpt.work / "transformed.json"
+    if marker is not None and store is not None and marker.is_file():
+        done = json.loads(marker.read_text())
+        if done.get("fingerprint") == (ckpt.key if ckpt else None):
+            ctx.records.update(done["records"])
+            return store.open(), RunOutcome(fp_nll=done["fp_nll"])
+    writer = None if store is None else store.writer(before)
+    sweep = replace(settings, checkpoint=None, writer=writer, eval_q=False)
+    first = UnitRunner(source, state, before, ctx, sweep).run()
+    if writer is None or store is None:
+        return source, first
+    writer.close()
+    if marker is not None and ckpt is not None and ckpt.enabled:
+        record = {"fingerprint": ckpt.key, "records": ctx.records, "fp_nll": first.fp_nll}
+        marker.write_text(json.dumps(record, default=str))
+    return store.open(), first
 
 
 def run_passes(
@@ -128,8 +174,7 @@ def run_passes(
     ctx: PassContext,
     settings: RunSettings | None = None,
     *,
-    transformed: Callable[[Sequence[Pass]], tuple[Writer, Callable[[], WeightSource]]]
-    | None = None,
+    transformed: TransformedStore | None = None,
 ) -> RunOutcome:
     """Run ``passes`` over the model of ``source``: the pipeline's single entry point.
 
@@ -138,9 +183,10 @@ def run_passes(
     ``Pass.decide``) splits the run: the passes before it run in a first sweep (the
     FP transforms, e.g. rotation, SmoothQuant), it decides from the transformed model
     (reading blocks one at a time), and the passes after it run in a second sweep.
-    ``transformed(passes)`` gives the first sweep's writer and how to open, once it is
-    closed, the source the second sweep reads (a folder of the transformed FP weights);
-    None: the model is changed in place (an in-memory source).
+    ``transformed`` keeps the first sweep's output (a folder of the transformed FP
+    weights) that the second sweep reads; None: the model is changed in place (an
+    in-memory source). With a checkpoint, a finished first sweep is marked in the work
+    folder (with its records) and a resumed run goes straight to the decision.
     """
     settings = settings or RunSettings()
     check_contract(passes, ctx.facts, ctx.history)
@@ -153,12 +199,7 @@ def run_passes(
         before, step, after = list(passes[:k]), passes[k], list(passes[k + 1 :])
         first = RunOutcome()
         if before:
-            writer, reopen = (None, None) if transformed is None else transformed(before)
-            sweep = replace(settings, checkpoint=None, writer=writer, eval_q=False)
-            first = UnitRunner(source, state, before, ctx, sweep).run()
-            if writer is not None and reopen is not None:
-                writer.close()
-                source = reopen()
+            source, first = _first_sweep(source, state, before, ctx, settings, transformed)
         step.decide(source, state, ctx)
         outcome = UnitRunner(
             source, state, after, ctx, replace(settings, eval_fp=settings.eval_fp and not before)
@@ -274,7 +315,7 @@ class UnitRunner:
         )
         for i in bar:
             self._block(i, batches)
-            if ckpt is not None and (ckpt.due() or i + 1 == len(blocks)):
+            if ckpt is not None and ckpt.enabled and (ckpt.due() or i + 1 == len(blocks)):
                 self._checkpoint(i + 1)
             if self.ctx.status:
                 bar.set_postfix_str(self.ctx.status)
@@ -306,7 +347,7 @@ class UnitRunner:
                     self.streams["fp"] = Stream.create("fp", fp_inputs, self._offload())
             if self._eval("eval_q"):
                 self.streams["eval_q"] = self._capture("eval_q", windows)
-        if self.has_prologue and self.source.lazy and self.settings.checkpoint is not None:
+        if self.has_prologue and self.source.lazy:
             self._save_overlay()
         self.source.release_outer()
 
@@ -322,8 +363,14 @@ class UnitRunner:
     def _save_overlay(self) -> None:
         from safetensors.torch import save_file
 
-        assert self.settings.checkpoint is not None
-        work = self.settings.checkpoint.work
+        work = self.settings.work
+        if work is None:
+            raise ValueError(
+                "a pass changed outer weights before the blocks of a lazily read model, "
+                "which needs a work folder to keep them (RunSettings.work)"
+            )
+        rank = self.ctx.distributed.rank if self.ctx.distributed is not None else 0
+        work = work / f"overlay-rank{rank}"
         work.mkdir(parents=True, exist_ok=True)
         current = {n: self.source.current(n) for n in self.source.outer_names()}
         tensors = {n: t for n, t in current.items() if t.device.type != "meta"}
@@ -370,14 +417,15 @@ class UnitRunner:
         self.outcome.quantized += self._quantized_in(block, prefix)
         if self.settings.writer is not None:
             self.settings.writer.tensors(block, prefix)
+        del unit, block
         self.source.release_block(i)
+        if self.source.lazy:
+            release_freed()
 
     def _checkpoint(self, next_block: int) -> None:
         ckpt = self.settings.checkpoint
         assert ckpt is not None
-        streams: dict[str, torch.Tensor] = {}
-        for s in self.streams.values():
-            streams.update(s.hiddens())
+        streams = itertools.chain.from_iterable(s.hiddens() for s in self.streams.values())
         writer = self.settings.writer
         ckpt.save(
             {

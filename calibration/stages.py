@@ -32,6 +32,7 @@ from ptq.calibration.blocks import BlockInput, StopForward
 from ptq.calibration.hessian import HessianAccumulator
 from ptq.calibration.layer_inputs import GroupedHessian, geometry, input_rows, new_hessian
 from ptq.calibration.ordered_hessian import OrderedHessian
+from ptq.calibration.streams import Spill
 
 if TYPE_CHECKING:
     from ptq.calibration.units import Unit
@@ -322,18 +323,25 @@ def run_stages(
     if unit.kind == "block":
         stages = discover_stages(unit.module, unit.prefix, names, unit.sample())
         resume: Resume | None = None
+        assert unit.calibration is not None
+        device = unit.calibration.spill.device
+        spills = [Spill(unit.calibration.spill.folder, device, f"resume-{x}-") for x in "ab"]
         for k, stage in enumerate(stages):
             nxt = stages[k + 1] if k + 1 < len(stages) else []
             anchor = _common_parent(unit.module, unit.prefix, stage + nxt) if nxt else None
             forwards: list[Callable[[], Any]]
             if resume is not None:
-                forwards = [functools.partial(resume.module, *a, **kw) for a, kw in resume.inputs]
+                forwards = [
+                    functools.partial(_resumed, resume, i) for i in range(len(resume.inputs))
+                ]
             else:
                 forwards = shard(unit.forwards())
             captured: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+            spill = spills[k % 2]  # the other one holds the inputs these forwards start from
+            spill.clear()
             handle = None
             if anchor is not None:
-                hook = functools.partial(_keep_inputs, captured)
+                hook = functools.partial(_keep_inputs, captured, spill)
                 handle = anchor.register_forward_pre_hook(hook, with_kwargs=True)
             try:
                 stats = collect_stage(unit.module, stage, unit.prefix, request, forwards, new)
@@ -341,10 +349,12 @@ def run_stages(
                 if handle is not None:
                     handle.remove()
             _quantize_stage(stage, stats, quantize, parallel)
+            if resume is not None:
+                resume.spill.clear()
             # Resume only if the anchor ran exactly once per forward (a module called
             # twice would see inputs that depend on its own first call).
             resume = (
-                Resume(anchor, captured)
+                Resume(anchor, captured, spill)
                 if anchor is not None and len(captured) == len(forwards)
                 else None
             )
@@ -385,15 +395,29 @@ class Resume:
 
     module: nn.Module
     inputs: list[tuple[tuple[Any, ...], dict[str, Any]]]
+    spill: Spill
 
 
 def _keep_inputs(
     store: list[tuple[tuple[Any, ...], dict[str, Any]]],
+    spill: Spill,
     _m: nn.Module,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
 ) -> None:
+    """Keep a module's inputs; its first (the hidden states) goes to ``spill``."""
+    if args and isinstance(args[0], torch.Tensor):
+        spill.put(f"{len(store):05d}", args[0])
+        args = (args[0].new_empty(args[0].shape, device="meta"), *args[1:])
     store.append((args, dict(kwargs)))
+
+
+def _resumed(resume: Resume, i: int) -> Any:
+    """The resumed module on the ``i``-th kept input."""
+    args, kwargs = resume.inputs[i]
+    if args and isinstance(args[0], torch.Tensor) and args[0].device.type == "meta":
+        args = (resume.spill.get(f"{i:05d}"), *args[1:])
+    return resume.module(*args, **kwargs)
 
 
 def _common_parent(block: nn.Module, prefix: str, names: list[str]) -> nn.Module | None:

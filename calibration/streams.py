@@ -5,13 +5,18 @@ plus the fixed arguments the first block received (rotary tables, masks, ...). T
 runner keeps up to four: the quantized model's calibration activations (what GPTQ and
 the other statistics see), the transformed floating-point model's (SmoothQuant's, when
 a pass observes it), and, with evaluation, held-out windows through the original and
-the quantized model. Hidden states live on the run's device, or with ``offload`` set,
-in one safetensors file per batch under that folder (only the batch being computed is
-in memory): the ``--offload-dir`` option.
+the quantized model.
+
+Hidden states live on the run's device, or, with a :class:`Spill` folder, in one
+safetensors file per batch (only the batch being computed is in memory): a streamed
+run on the CPU spills into its work folder by default (the files stay in the page
+cache, so a batch costs a memory copy, not a disk read), ``--offload-dir`` chooses the
+folder, and on CUDA the streams stay on the device unless it is given.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -22,28 +27,71 @@ from ptq.calibration.blocks import BlockInput
 
 
 @dataclass
+class Spill:
+    """Tensors by key, in memory (``folder`` None) or one file each under ``folder``.
+
+    Args:
+        folder: Where spilled tensors go (created on first use).
+        device: Where :meth:`get` puts them back.
+        prefix: Of this spill's file names (several spills may share a folder).
+    """
+
+    folder: Path | None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    prefix: str = ""
+    _memory: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def _file(self, key: str) -> Path:
+        assert self.folder is not None
+        return self.folder / f"{self.prefix}{key}.safetensors"
+
+    def clear(self) -> None:
+        """Forget every tensor put here."""
+        self._memory.clear()
+        if self.folder is not None and self.prefix:
+            for f in self.folder.glob(f"{self.prefix}*.safetensors"):
+                f.unlink()
+
+    def put(self, key: str, t: torch.Tensor) -> None:
+        if self.folder is None:
+            self._memory[key] = t
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self._file(key).with_suffix(".tmp")
+        save_file({"t": t.detach().contiguous().cpu()}, str(tmp))
+        tmp.replace(self._file(key))
+
+    def get(self, key: str) -> torch.Tensor:
+        if self.folder is None:
+            return self._memory[key]
+        return load_file(str(self._file(key)))["t"].to(self.device)
+
+    def drop(self, key: str) -> None:
+        if self.folder is None:
+            self._memory.pop(key, None)
+        else:
+            self._file(key).unlink(missing_ok=True)
+
+
+@dataclass
 class Stream:
     """Per-batch inputs of the current block.
 
     Args:
-        name: A short name (file names under ``offload``, checkpoint keys).
-        inputs: One :class:`BlockInput` per batch; with ``offload`` their ``hidden`` is
-            a placeholder and the real tensor is on disk.
-        offload: Folder for the hidden states (None: kept in memory).
+        name: A short name (file names when spilled, checkpoint keys).
+        inputs: One :class:`BlockInput` per batch; their ``hidden`` is a ``meta``
+            placeholder, the real tensor is in ``spill``.
+        spill: Where the hidden states are.
     """
 
     name: str
     inputs: list[BlockInput]
-    offload: Path | None = None
-    _device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    spill: Spill
 
     @classmethod
     def create(cls, name: str, inputs: list[BlockInput], offload: Path | None) -> Stream:
         device = inputs[0].hidden.device if inputs else torch.device("cpu")
-        stream = cls(name, [], offload, device)
-        if offload is not None:
-            offload.mkdir(parents=True, exist_ok=True)
-        stream.inputs = [replace(x) for x in inputs]
+        stream = cls(name, [replace(x) for x in inputs], Spill(offload, device))
         for i, x in enumerate(inputs):
             stream.set_hidden(i, x.hidden)
         return stream
@@ -51,38 +99,27 @@ class Stream:
     def __len__(self) -> int:
         return len(self.inputs)
 
-    def _file(self, i: int) -> Path:
-        assert self.offload is not None
-        return self.offload / f"{self.name}-{i:05d}.safetensors"
-
     def hidden(self, i: int) -> torch.Tensor:
-        """Batch ``i``'s hidden states (read from disk when offloaded)."""
-        if self.offload is None:
-            return self.inputs[i].hidden
-        return load_file(str(self._file(i)))["hidden"].to(self._device)
+        """Batch ``i``'s hidden states."""
+        return self.spill.get(f"{self.name}-{i:05d}")
 
     def set_hidden(self, i: int, hidden: torch.Tensor) -> None:
-        if self.offload is None:
-            self.inputs[i] = replace(self.inputs[i], hidden=hidden)
-            return
-        tmp = self._file(i).with_suffix(".tmp")
-        save_file({"hidden": hidden.detach().contiguous().cpu()}, str(tmp))
-        tmp.replace(self._file(i))
+        self.spill.put(f"{self.name}-{i:05d}", hidden)
         self.inputs[i] = replace(self.inputs[i], hidden=_placeholder(hidden))
 
     def input(self, i: int) -> BlockInput:
         """Batch ``i``'s full block input."""
-        x = self.inputs[i]
-        return x if self.offload is None else replace(x, hidden=self.hidden(i))
+        return replace(self.inputs[i], hidden=self.hidden(i))
 
-    def hiddens(self) -> dict[str, torch.Tensor]:
-        """Every batch's hidden states by checkpoint key (CPU, for saving)."""
-        return {f"{self.name}.{i}": self.hidden(i).detach().cpu() for i in range(len(self))}
+    def hiddens(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every batch's hidden states by checkpoint key, one at a time (for saving)."""
+        for i in range(len(self)):
+            yield f"{self.name}.{i}", self.hidden(i)
 
     def restore(self, saved: dict[str, torch.Tensor]) -> None:
         """Replace the hidden states with a checkpoint's (same batches)."""
         for i in range(len(self)):
-            self.set_hidden(i, saved[f"{self.name}.{i}"].to(self._device))
+            self.set_hidden(i, saved[f"{self.name}.{i}"].to(self.spill.device))
 
 
 def _placeholder(t: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,9 @@
 
 ``WeightClipPass`` clips every planned layer's weights to ``k`` standard deviations
 before GPTQ quantizes them (a simple outlier-suppression idea), then the usual export
-runs. Usage::
+runs. Like every pass it sees the model through the block-wise runner: ``run`` is
+called once per block with ``state.plan`` holding that block's layers (the other blocks
+are not loaded), so the records accumulate. Usage::
 
     python examples/custom_pass.py [MODEL] [OUT]     # MODEL defaults to the embedded SmolLM2
 """
@@ -49,7 +51,8 @@ class WeightClipPass(Pass):
             lo, hi = mean - self.config.k * std, mean + self.config.k * std
             clipped += int(((w < lo) | (w > hi)).sum())
             w.copy_(torch.maximum(torch.minimum(w, hi), lo))
-        ctx.records["weight_clip"] = {"clipped_values": clipped}
+        record = ctx.records.setdefault("weight_clip", {"clipped_values": 0})
+        record["clipped_values"] += clipped
 
 
 def main(model: str = "default", out: str = "out/custom-pass") -> None:

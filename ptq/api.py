@@ -42,7 +42,7 @@ from ptq.scheme import Scheme, get_scheme
 from ptq.steps import apply_steps
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Sequence
 
     from ptq.calibration.distributed import DistributedContext
     from ptq.calibration.runner import Writer
@@ -119,6 +119,7 @@ def quantize(
     trust_remote_code: bool = False,
     restart: bool = False,
     device: str = "auto",
+    dtype: str = "auto",
     offload_dir: str | Path | None = None,
     checkpoint_interval_s: float = 60.0,
     log: Any = print,
@@ -143,6 +144,9 @@ def quantize(
         restart: Discard an interrupted run of a different command (``.OUT.work``).
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``: where the
             current block and its activations live.
+        dtype: What blocks are loaded and run in: ``auto`` (float32 on the CPU, the
+            checkpoint's own dtype on CUDA), ``float32``, ``bfloat16``, ``float16``
+            (streamed runs; Hessians and rounding maths stay float32).
         offload_dir: Keep the calibration activations in files here instead of memory.
         checkpoint_interval_s: Least seconds between resume checkpoints (0: every block).
         log: Where human-readable messages go.
@@ -168,6 +172,7 @@ def quantize(
         trust_remote_code=trust_remote_code,
         restart=restart,
         device=device,
+        dtype=dtype,
         offload_dir=None if offload_dir is None else Path(offload_dir),
         checkpoint_interval_s=checkpoint_interval_s,
     )
@@ -217,13 +222,14 @@ def _quantize(
     trust_remote_code: bool,
     restart: bool,
     device: str,
+    dtype: str,
     offload_dir: Path | None,
     checkpoint_interval_s: float,
     log: Any,
     dctx: DistributedContext | None,
 ) -> QuantizeResult:
     """:func:`quantize` in this process; ``dctx`` set: one rank of a job (rank 0 writes)."""
-    from ptq.devices import resolve_device
+    from ptq.devices import resolve_device, resolve_dtype
 
     main = dctx is None or dctx.is_main
     start = time.perf_counter()
@@ -249,10 +255,13 @@ def _quantize(
     from ptq.calibration.runner import RunSettings, run_passes
     from ptq.exporters.safetensors_export import CompressedTensorsOutput
     from ptq.exporters.shard_writer import ShardWriter
+    from ptq.memory import return_freed_memory_to_os
     from ptq.models.weight_source import LazySource
 
+    return_freed_memory_to_os()
     skeleton = build_skeleton(source, trust_remote_code=trust_remote_code)
     lazy = LazySource(source.path, skeleton, dev)
+    lazy.dtype = resolve_dtype(dtype, dev, lazy.stored_dtype())
     plan = _plan_lazily(lazy, scheme, log)
     tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
     ctx = PassContext(seed=seed, progress=progress, distributed=dctx, device=dev)
@@ -265,6 +274,8 @@ def _quantize(
         "plan": plan.to_dict(),
         "pipeline": repr(pipe),
         "seed": seed,
+        "device": str(dev),
+        "dtype": str(lazy.dtype),
         "calibration": tensor_digest(ctx.calibration)
         if isinstance(ctx.calibration, torch.Tensor)
         else None,
@@ -282,13 +293,20 @@ def _quantize(
         if main
         else None
     )
+    offload = _offload_folder(offload_dir, dev, work, dctx)
     outcome = run_passes(
         lazy,
         QuantState(model=skeleton, plan=plan, tokenizer=tokenizer),
         pipe.passes,
         ctx,
-        RunSettings(eval_windows=windows, offload=offload_dir, checkpoint=ckpt, writer=writer),
-        transformed=functools.partial(_transformed_folder, work, skeleton, dev),
+        RunSettings(
+            eval_windows=windows,
+            offload=offload,
+            checkpoint=ckpt,
+            writer=writer,
+            work=work,
+        ),
+        transformed=_TransformedFolder(work, skeleton, dev, lazy.dtype),
     )
     apply_steps(plan, ctx.records)
     result = QuantizeResult(model=None, plan=plan, output=out, records=ctx.records)
@@ -301,6 +319,8 @@ def _quantize(
             writer.finish(tmp, outcome.quantized, ctx.records)
         shutil.rmtree(work, ignore_errors=True)
         log(f"wrote {out}")
+    if offload is not None:
+        shutil.rmtree(offload, ignore_errors=True)
     result.seconds = time.perf_counter() - start
     return result
 
@@ -315,28 +335,51 @@ def _plan(model: nn.Module, scheme: Scheme, log: Any) -> QuantPlan:
     return plan
 
 
-def _transformed_folder(
-    work: Path, skeleton: nn.Module, device: torch.device, passes: Sequence[Pass]
-) -> tuple[Writer, Callable[[], WeightSource]]:
-    """Where a run split in two sweeps (bit allocation) keeps the transformed FP weights:
-    ``work/transformed``, read back block by block by the second sweep."""
-    from ptq.calibration.runner import flatten
-    from ptq.exporters.safetensors_export import TensorsWriter
-    from ptq.exporters.shard_writer import ShardWriter
-    from ptq.models.weight_source import LazySource
+def _offload_folder(
+    given: Path | None, device: torch.device, work: Path, dctx: DistributedContext | None
+) -> Path | None:
+    """Where the activation streams go: ``--offload-dir`` when given; on the CPU, the work
+    folder (page-cached files cost a copy per batch and keep them out of the process's
+    memory); on CUDA, nowhere (they stay on the device)."""
+    rank = "" if dctx is None else f"rank{dctx.rank}-"
+    if given is not None:
+        return given / f"{rank}{work.name.lstrip('.')}"
+    if device.type == "cpu":
+        return work / f"{rank}streams"
+    return None
 
-    for p in flatten(passes):
-        if getattr(getattr(p, "config", None), "online_down_proj", False):
-            raise PtqUsageError(
-                "an online down_proj Hadamard changes the blocks' structure, which the "
-                "transformed weights before a bit allocation cannot keep; drop one of them"
-            )
-    folder, spool = work / "transformed", work / "transformed-spool"
-    for d in (folder, spool):
-        shutil.rmtree(d, ignore_errors=True)
-    spool.mkdir(parents=True)
-    writer = TensorsWriter(ShardWriter(spool), folder)
-    return writer, functools.partial(LazySource, folder, skeleton, device)
+
+@dataclass
+class _TransformedFolder:
+    """``work/transformed``: the FP weights after the passes before a bit allocation,
+    read back block by block by the second sweep."""
+
+    work: Path
+    skeleton: nn.Module
+    device: torch.device
+    dtype: torch.dtype | None
+
+    def writer(self, passes: Sequence[Pass]) -> Writer:
+        from ptq.calibration.runner import flatten
+        from ptq.exporters.safetensors_export import TensorsWriter
+        from ptq.exporters.shard_writer import ShardWriter
+
+        for p in flatten(passes):
+            if getattr(getattr(p, "config", None), "online_down_proj", False):
+                raise PtqUsageError(
+                    "an online down_proj Hadamard changes the blocks' structure, which the "
+                    "transformed weights before a bit allocation cannot keep; drop one of them"
+                )
+        folder, spool = self.work / "transformed", self.work / "transformed-spool"
+        for d in (folder, spool):
+            shutil.rmtree(d, ignore_errors=True)
+        spool.mkdir(parents=True)
+        return TensorsWriter(ShardWriter(spool), folder)
+
+    def open(self) -> WeightSource:
+        from ptq.models.weight_source import LazySource
+
+        return LazySource(self.work / "transformed", self.skeleton, self.device, self.dtype)
 
 
 def _plan_lazily(source: WeightSource, scheme: Scheme, log: Any) -> QuantPlan:

@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from ptq.devices import DEVICE_HELP
+from ptq.devices import DEVICE_HELP, DTYPE_HELP
 from ptq.errors import PtqError, PtqUsageError
 
 SCHEME_FLAGS = ("w4a16", "w4a8", "w8a8", "fp8", "w8a16")
@@ -237,6 +237,14 @@ def main() -> None:
 )
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option(
+    "--dtype",
+    "compute_dtype",
+    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+    default="auto",
+    show_default=True,
+    help=DTYPE_HELP,
+)
+@click.option(
     "--offload-dir",
     type=click.Path(path_type=Path),
     default=None,
@@ -347,6 +355,7 @@ def quantize(
     restart: bool,
     checkpoint_interval: float,
     device: str,
+    compute_dtype: str,
     offload_dir: Path | None,
     recipe: Path | None,
     percdamp: float | None,
@@ -478,6 +487,7 @@ def quantize(
         trust_remote_code=trust_remote_code,
         restart=restart,
         device=device,
+        dtype=compute_dtype,
         offload_dir=offload_dir,
         checkpoint_interval_s=checkpoint_interval,
         log=click.echo,
@@ -491,7 +501,13 @@ def quantize(
             f"(x{result.quant_ppl / result.fp_ppl:.4f})"
         )
     click.echo(serving_summary(result.plan, passes))
-    click.echo(f"done in {result.seconds:.1f} s")
+    peak = ""
+    if device != "cpu":
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
+            peak = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
+    click.echo(f"done in {result.seconds:.1f} s{peak}")
 
 
 def _default_method(

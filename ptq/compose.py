@@ -129,12 +129,12 @@ def build_passes(
         if static:
             from ptq.passes.act_calibration import ActCalibrationConfig, ActCalibrationPass
 
-            config = (
+            calib = (
                 ActCalibrationConfig()
                 if act_observer is None
                 else ActCalibrationConfig(observer=cast("ObserverName", act_observer))
             )
-            inner.append(ActCalibrationPass(config))
+            inner.append(ActCalibrationPass(calib))
         if bias_correction and stats_tuning:
             raise PtqUsageError("choose --bias-correction or --stats-tuning (it includes it)")
         if bias_correction or stats_tuning:

@@ -6,6 +6,12 @@ import torch
 
 from ptq.errors import PtqUsageError
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_HELP = (
+    "What the blocks are loaded and run in: auto (float32 on the CPU, the checkpoint's "
+    "own dtype on CUDA), float32, bfloat16, float16. Hessians and the rounding maths are "
+    "float32 either way."
+)
 DEVICE_HELP = (
     "Where the current block, its calibration activations and the Hessians live: auto "
     "(CUDA when present), cpu, cuda, cuda:N; everything else stays on the host."
@@ -38,3 +44,16 @@ def resolve_device(
             )
         return torch.device("cuda", index)
     raise PtqUsageError(f"--device {spec}: choose auto, cpu, cuda or cuda:N")
+
+
+def resolve_dtype(spec: str, device: torch.device, stored: torch.dtype) -> torch.dtype:
+    """The compute dtype for ``spec`` (``auto``: float32 on the CPU, ``stored`` on CUDA).
+
+    Raises:
+        PtqUsageError: An unknown spelling.
+    """
+    if spec == "auto":
+        return stored if device.type == "cuda" else torch.float32
+    if spec not in DTYPES:
+        raise PtqUsageError(f"--dtype {spec}: choose auto, {', '.join(DTYPES)}")
+    return DTYPES[spec]

@@ -243,3 +243,18 @@ def test_bad_method_options(run_cli: Run, tiny_llama: Path, tmp_path: Path) -> N
         "percdamp given both",
     )
     assert not (tmp_path / "o").exists()
+
+
+def test_device_errors_are_one_line(run_cli: Run, tiny_llama: Path, tmp_path: Path) -> None:
+    """--device cuda where there is none, or a misspelt device: an error line, exit 2."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA; the error is for machines without it")
+    for dev, msg in (("cuda", "no CUDA device"), ("tpu", "choose auto, cpu, cuda or cuda:N")):
+        r = run_cli(
+            "quantize", str(tiny_llama), "--w4a16", "--device", dev, "-o", str(tmp_path / "o")
+        )
+        assert r.exit_code == 2, r.output  # type: ignore[attr-defined]
+        assert msg in r.output  # type: ignore[attr-defined]
+    assert not (tmp_path / "o").exists()

@@ -194,12 +194,20 @@ class LazySource(WeightSource):
         path: The Hugging Face folder (config.json + safetensors).
         model: The meta skeleton (:func:`ptq.models.source.build_skeleton`).
         device: Where loaded parts live.
+        dtype: What floating-point weights are cast to when loaded (None: as stored).
     """
 
     lazy = True
 
-    def __init__(self, path: Path, model: nn.Module, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        path: Path,
+        model: nn.Module,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | None = torch.float32,
+    ) -> None:
         super().__init__(model, torch.device(device))
+        self.dtype = dtype
         self.index = SafetensorsIndex(path)
         self.path = path
         self._overlay: SafetensorsFile | None = None
@@ -240,6 +248,14 @@ class LazySource(WeightSource):
             raise PtqInputError(f"{self.path}: no tensor {name!r} in the checkpoint")
         return t
 
+    def stored_dtype(self) -> torch.dtype:
+        """The checkpoint's floating-point dtype (its first floating tensor's)."""
+        for name in self.index:
+            dtype = self.index.dtype(name)
+            if dtype.is_floating_point:
+                return dtype
+        return torch.float32
+
     def _groups(self, names: set[str]) -> list[list[str]]:
         """Alias groups (one tensor object, several names) touching ``names``."""
         by_id: dict[int, list[str]] = {}
@@ -271,8 +287,8 @@ class LazySource(WeightSource):
                     f"{self.path}: tensor {group[0]} has shape {tuple(value.shape)}, "
                     f"the model expects {tuple(t.shape)}"
                 )
-            if value.is_floating_point():
-                value = value.to(torch.float32)
+            if value.is_floating_point() and self.dtype is not None:
+                value = value.to(self.dtype)
             self._assign_all(group, value.to(self.device), isinstance(t, nn.Parameter))
 
     def _assign_all(self, names: list[str], value: torch.Tensor, parameter: bool) -> None:

@@ -131,3 +131,26 @@ def test_kill_9_then_rerun_is_byte_identical(
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert _digests(out) == reference
+
+
+def test_offloaded_activations_give_the_same_bytes(
+    deep_llama: Path, tmp_path: Path, reference: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--offload-dir``: the streams (and the inputs stages resume from) live in files
+    there, removed at the end; the output does not change."""
+    from ptq.calibration.streams import Spill
+
+    out, spill = tmp_path / "o", tmp_path / "spill"
+    written: set[str] = set()
+    real = Spill.put
+
+    def put(self: Spill, key: str, t: object) -> None:
+        assert self.folder is not None and self.folder.is_relative_to(spill)
+        written.add(self.prefix + key.split("-")[0])
+        real(self, key, t)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Spill, "put", put)
+    _run(deep_llama, out, offload_dir=spill)
+    assert _digests(out) == reference
+    assert {"calib", "fp", "resume-a-00000"} <= written
+    assert list(spill.iterdir()) == []

@@ -195,3 +195,90 @@ def test_layers_outside_blocks_keep_scheme_format(tiny_llama: Path, tmp_path: Pa
     Pipeline([BitAllocationPass(cfg)]).run(QuantState(net, plan), ctx)
     assert plan.layers["lm_head"] == before
     assert "lm_head" not in ctx.records["allocation"]["choice"]
+
+
+def test_allocation_after_smoothquant_streams_and_resumes(
+    deep_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pipeline split in two sweeps (SmoothQuant, then the allocation, then RTN): the
+    streamed run equals the in-memory one, and a run killed in the second sweep resumes
+    without redoing the first, to the same bytes."""
+    import hashlib
+
+    from ptq.calibration.checkpoint import Checkpointer
+    from ptq.passes.smoothquant import SmoothQuantConfig, SmoothQuantPass
+
+    def passes() -> list:  # type: ignore[type-arg]
+        cfg = BitAllocationConfig(
+            budget="5bits", candidates=CANDS, estimator="hessian", samples=4, seqlen=32,
+            cache_dir=tmp_path / "cache",
+        )  # fmt: skip
+        return [SmoothQuantPass(SmoothQuantConfig(alpha=0.5)), BitAllocationPass(cfg), RTNPass()]
+
+    kw = {
+        "calibration": api.CalibrationConfig(samples=4, seqlen=32),
+        "progress": False,
+        "log": lambda *_: None,
+        "checkpoint_interval_s": 0.0,
+    }
+    ref = tmp_path / "ref"
+    api.quantize(str(deep_llama), "w4a16", output=ref, pipeline=passes(), **kw)  # type: ignore[arg-type]
+    mem = api.quantize(str(deep_llama), "w4a16", pipeline=passes(), **kw)  # type: ignore[arg-type]
+    loaded, _ = load_quantized_model(ref)
+    assert mem.model is not None
+    for name in mem.records["allocation"]["choice"]:
+        assert torch.equal(mem.model.get_submodule(name).weight, loaded.get_submodule(name).weight)
+    real = Checkpointer.save
+
+    def crash(self: Checkpointer, state: dict, streams: Any) -> None:  # type: ignore[type-arg]
+        real(self, state, streams)
+        if state["next_block"] == 2:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "o"
+    monkeypatch.setattr(Checkpointer, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        api.quantize(str(deep_llama), "w4a16", output=out, pipeline=passes(), **kw)  # type: ignore[arg-type]
+    monkeypatch.setattr(Checkpointer, "save", real)
+    sq_blocks: list[int] = []
+    real_run = SmoothQuantPass.run_unit
+    monkeypatch.setattr(
+        SmoothQuantPass,
+        "run_unit",
+        lambda self, s, c: (sq_blocks.append(s.unit.index), real_run(self, s, c)),
+    )
+    api.quantize(str(deep_llama), "w4a16", output=out, pipeline=passes(), **kw)  # type: ignore[arg-type]
+    assert sq_blocks == []  # the first sweep was finished and marked: not redone
+
+    def digests(folder: Path) -> dict[str, str]:
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()}
+
+    assert digests(out) == digests(ref)
+
+
+def test_rotation_before_allocation_keeps_the_rotated_embedding(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    """Rotation then a budget, streamed: the transformed weights of the first sweep hold
+    the rotated embedding (kept while released), so the output equals the in-memory run."""
+    from ptq.passes.rotation import RotationPass
+
+    def passes() -> list:  # type: ignore[type-arg]
+        cfg = BitAllocationConfig(
+            budget="5bits", candidates=CANDS, estimator="hessian", samples=4, seqlen=32,
+            cache_dir=tmp_path / "cache",
+        )  # fmt: skip
+        return [RotationPass(), BitAllocationPass(cfg), RTNPass()]
+
+    kw = {"calibration": api.CalibrationConfig(samples=4, seqlen=32), "progress": False}
+    out = tmp_path / "o"
+    api.quantize(str(tiny_llama), "w4a16", output=out, pipeline=passes(), log=lambda *_: None, **kw)  # type: ignore[arg-type]
+    mem = api.quantize(str(tiny_llama), "w4a16", pipeline=passes(), log=lambda *_: None, **kw)  # type: ignore[arg-type]
+    loaded, _ = load_quantized_model(out)
+    assert mem.model is not None
+    for name, t in mem.model.state_dict().items():
+        if name.endswith(("embed_tokens.weight", "lm_head.weight", "norm.weight")):
+            assert torch.equal(t, loaded.state_dict()[name]), name
+    ids = torch.randint(0, 300, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(mem.model(input_ids=ids).logits, loaded(input_ids=ids).logits)
