@@ -31,6 +31,10 @@ import torch
 from torch import nn
 
 from ptq.formats import QuantFormat
+
+# The network structure AWQ reads: this import and :func:`block_groups` are its only uses
+# of ``passes._groups`` (``fold_scales`` applies a group's scales; a group maps producer
+# channels to reader channels with ``to_reader`` / ``to_producer``).
 from ptq.passes._groups import LinearGroup, fold_scales, foldable, llama_groups, tensor_attr
 from ptq.passes.awq_capture import GroupInputs, capture_group_inputs, inspected
 from ptq.passes.awq_math import awq_scales, clip_search, scaled_fake_weight, weight_magnitude
@@ -77,6 +81,23 @@ class AWQConfig:
             raise ValueError("clip_tokens and search_tokens must be >= 1")
 
 
+def block_groups(model: nn.Module, prefix: str, planned: set[str]) -> list[LinearGroup]:
+    """The producer -> readers groups under ``prefix``, in forward order, whose scales can
+    be folded (:func:`~ptq.passes._groups.foldable`) and that have a reader in ``planned``
+    (every group when ``planned`` is empty).
+
+    Raises:
+        ValueError: The model does not have a layout the groups are known for.
+    """
+    return [
+        g
+        for g in llama_groups(model)
+        if g.producer.startswith(prefix)
+        and foldable(model, g)
+        and (not planned or any(r in planned for r in g.readers))
+    ]
+
+
 class AWQPass(Pass):
     """Fold AWQ scales and clip weights in the FP model, block by block (before rounding)."""
 
@@ -91,7 +112,7 @@ class AWQPass(Pass):
     def prepare(self, state: QuantState, ctx: PassContext) -> None:
         if ctx.calibration is None:
             raise ValueError("awq needs calibration tokens (ctx.calibration is None)")
-        llama_groups(state.model)  # the layout check, before any weight is loaded
+        block_groups(state.model, "", set())  # the layout check, before any weight is loaded
 
     def run_unit(self, state: QuantState, ctx: PassContext) -> None:
         unit = state.unit
@@ -99,13 +120,7 @@ class AWQPass(Pass):
         if unit.kind != "block":
             return
         model, plan = state.model, state.plan
-        groups = [
-            g
-            for g in llama_groups(model)
-            if g.producer.startswith(unit.prefix)
-            and foldable(model, g)
-            and any(r in plan.layers for r in g.readers)
-        ]
+        groups = block_groups(model, unit.prefix, set(plan.layers))
         if not groups:
             return
         cfg = self.config

@@ -11,17 +11,25 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
-
-from ptq.passes._groups import LinearGroup
 
 if TYPE_CHECKING:
     from ptq.passes.awq import AWQConfig
 
 Inputs = tuple[tuple[Any, ...], dict[str, Any]]
+
+
+class Group(Protocol):
+    """What the capture reads of a producer -> readers group (module names only)."""
+
+    @property
+    def producer(self) -> str: ...
+
+    @property
+    def readers(self) -> tuple[str, ...]: ...
 
 
 @dataclass
@@ -45,7 +53,7 @@ class GroupInputs:
         return self.abs_sum / self.count
 
 
-def inspected(model: nn.Module, group: LinearGroup) -> nn.Module:
+def inspected(model: nn.Module, group: Group) -> nn.Module:
     """The smallest module holding all of ``group``'s readers (the reader itself if one)."""
     parents = {r.rpartition(".")[0] for r in group.readers}
     if len(group.readers) > 1 and len(parents) == 1:
@@ -65,7 +73,7 @@ def _tokens(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
 
 def capture_group_inputs(
     model: nn.Module,
-    groups: Sequence[LinearGroup],
+    groups: Sequence[Group],
     forwards: Sequence[Callable[[], Any]],
     config: AWQConfig,
     generator: torch.Generator,
@@ -75,7 +83,7 @@ def capture_group_inputs(
     seen: dict[str, GroupInputs] = {}
     handles = []
 
-    def on_reader(g: LinearGroup, _m: nn.Module, args: tuple[Any, ...]) -> None:
+    def on_reader(g: Group, _m: nn.Module, args: tuple[Any, ...]) -> None:
         x = args[0].detach().reshape(-1, args[0].shape[-1])
         rec = seen.setdefault(g.producer, GroupInputs())
         total = x.float().abs().sum(dim=0)
@@ -84,9 +92,7 @@ def capture_group_inputs(
         pick = torch.randperm(x.shape[0], generator=generator)[:per_forward]
         rec.samples.append(x[pick.sort().values.to(x.device)].float().clone())
 
-    def on_module(
-        g: LinearGroup, _m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> None:
+    def on_module(g: Group, _m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         rec = seen.setdefault(g.producer, GroupInputs())
         if rec.tokens < config.search_tokens:
             rec.inputs.append((args, dict(kwargs)))
