@@ -9,7 +9,8 @@ with the group sizes ptq's preset rule picks (64 where 128 does not divide, 128 
 down_proj), as the same GPTQModifier with two config groups. Perplexity of both outputs is
 measured here, reloaded from disk, on ``--eval-tokens`` held-out Britannica tokens in
 512-token windows (:func:`ptq.evaluate.perplexity`). Wall time is the whole command as a
-user runs it (load, calibrate, quantize, write), each a subprocess with 2 threads.
+user runs it (load, calibrate, quantize, write), each a subprocess with ``--threads``
+(default 2) torch threads: ``OMP_NUM_THREADS`` for ``ptq``, ``--threads`` for the peer.
 
 Usage::
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -49,9 +51,10 @@ PEERS = {
 }
 
 
-def timed(cmd: list[str]) -> tuple[float, subprocess.CompletedProcess[str]]:
+def timed(cmd: list[str], threads: int) -> tuple[float, subprocess.CompletedProcess[str]]:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     return time.perf_counter() - start, proc
 
 
@@ -83,9 +86,10 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--peer", default="/work/peers/llmc/bin/python")
     ap.add_argument("--only", default="")
+    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "default_w4a16_smollm2.md")
     a = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(a.threads)
     source = resolve_model("default", quiet=True)
     fp_model, tok = load_fp_model(source)
     eval_ids = tokenize_eval_text(tok, default_eval_file(), a.eval_tokens)
@@ -97,7 +101,7 @@ def main() -> None:
         f"Calibration: `ptq quantize`'s default, {cal.shape[0]} x {cal.shape[1]} tokens of the "
         f"plays (seed 0), the same ids for llm-compressor; eval {eval_ids.numel()} tokens of "
         f"`{default_eval_file().name}`, 512-token windows, outputs reloaded from disk. Wall "
-        "time: the whole command (load, calibrate, quantize, write; 2 threads) on a shared "
+        f"time: the whole command (load, calibrate, quantize, write; {a.threads} threads) on a shared "
         "2-core CPU whose load varied (other jobs ran alongside)."
     )
     rows: list[dict[str, object]] = []
@@ -106,7 +110,7 @@ def main() -> None:
             continue
         out = tmp / f"ptq_{len(rows)}"
         cmd = [str(PTQ), "quantize", "default", "--w4a16", *flags, "-o", str(out), "-q"]
-        secs, proc = timed(cmd)
+        secs, proc = timed(cmd, a.threads)
         if proc.returncode != 0:
             print(proc.stderr[-3000:], flush=True)
             rows.append({"run": label, "ppl": float("nan"), "seconds": secs, "note": "failed"})
@@ -123,7 +127,7 @@ def main() -> None:
         out = tmp / f"llmc_{scheme}"
         cmd = [a.peer, str(ROOT / "peers" / "llmc_quantize.py"), "--model", str(source.path)]
         cmd += ["--calib", str(tmp / "calib.pt"), "--scheme", scheme, "--method", "gptq"]
-        secs, proc = timed([*cmd, "--out", str(out), "--threads", "2"])
+        secs, proc = timed([*cmd, "--out", str(out), "--threads", str(a.threads)], a.threads)
         if proc.returncode != 0:
             refused = [ln for ln in proc.stderr.splitlines() if "group_size" in ln]
             note = f"refused: {len(refused)} layers, e.g. `{refused[0].strip()}`" if refused else ""
