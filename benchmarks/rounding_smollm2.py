@@ -1,11 +1,12 @@
-"""Rounding methods on SmolLM2-135M: RTN, GPTQ, AdaRound, AdaQuant vs llm-compressor.
+"""Rounding methods on SmolLM2-135M: RTN, AWQ, GPTQ, AdaRound, AdaQuant vs llm-compressor.
 
 One run, same data for every row: calibration ``--samples`` x ``--seqlen`` token ids of
 the default text (seed 0), perplexity on ``--eval-tokens`` held-out tokens
 (``ptq.models.paths.default_eval_file()``) in 512-token windows with
 :func:`ptq.evaluate.perplexity`. Weight-only formats: INT4 symmetric g64, INT4
 per-channel, INT3 g64, NVFP4 (SmolLM2 ships on an asymmetric INT4 g32 grid, so that
-format would show no error). llm-compressor's GPTQ and RTN (QuantizationModifier) run in
+format would show no error). llm-compressor's GPTQ, RTN (QuantizationModifier) and AWQ
+(AWQModifier, then its RTN QuantizationModifier) run in
 a subprocess with the peer venv (``benchmarks/peers/llmc_quantize.py``) on the *same*
 token ids; their checkpoints are reloaded here (``CompressedTensorsConfig(
 run_compressed=False)``, fp32) and evaluated with the same function. Wall time is of the
@@ -14,6 +15,9 @@ quantization step only: our ``Pipeline.run`` vs llm-compressor's ``oneshot``.
 (``QuantFormat(clip="mse")``); for GPTQ that fixes the static scales before the sweep,
 for AdaRound the fixed scales it learns the rounding for. "+ stats tuning" rows refit each
 layer's per-channel output gain and mean to the FP layer afterwards (``--stats-tuning``).
+"span" rows use compressed-tensors' scale rule ``amax / ((q_max - q_min) / 2)``, the rule
+llm-compressor's rows use; "full-range" rows ptq's default for INT4 (``v* / -2^(b-1)``).
+"AWQ" is AWQ's scales and clipping then RTN (``--method awq``), "AWQ+GPTQ" then GPTQ.
 
 Usage::
 
@@ -43,6 +47,7 @@ from ptq.formats.presets import get_preset
 from ptq.models.paths import default_eval_file
 from ptq.models.source import load_fp_model, resolve_model
 from ptq.passes.adaptive import AdaQuantPass, AdaRoundPass
+from ptq.passes.awq import AWQPass
 from ptq.passes.bias_correction import BiasCorrectionConfig, BiasCorrectionPass
 from ptq.passes.gptq import GPTQPass, GPTQPassConfig
 from ptq.passes.rtn import RTNPass
@@ -57,8 +62,9 @@ FORMATS: dict[str, QuantFormat] = {
     "int4_channel": get_preset("int4_channel"),
     "int3_g64": get_preset("int3_g64"),
     "nvfp4": get_preset("nvfp4"),
+    "int8_channel": get_preset("int8_channel"),
 }
-OURS: dict[str, Callable[[], Pass]] = {
+OURS: dict[str, Callable[[], Pass | list[Pass]]] = {
     "RTN": RTNPass,
     "GPTQ (no act-order)": lambda: GPTQPass(GPTQPassConfig(act_order=False)),
     "GPTQ act-order": GPTQPass,  # ptq's default: act-order with static groups
@@ -71,6 +77,11 @@ OURS: dict[str, Callable[[], Pass]] = {
     "GPTQ act-order full-range": GPTQPass,
     "RTN + stats tuning": lambda: BiasCorrectionPass(RTNPass(), STATS_TUNING),
     "GPTQ act-order + stats tuning": lambda: BiasCorrectionPass(GPTQPass(), STATS_TUNING),
+    "RTN span": RTNPass,
+    "GPTQ act-order span": GPTQPass,
+    "AWQ span": lambda: [AWQPass(), RTNPass()],
+    "AWQ full-range": lambda: [AWQPass(), RTNPass()],
+    "AWQ+GPTQ full-range": lambda: [AWQPass(), GPTQPass()],
 }
 
 
@@ -85,14 +96,27 @@ def _full_range(fmt: QuantFormat) -> QuantFormat:
     return replace(fmt, scale_rule="full_range")
 
 
+def _span(fmt: QuantFormat) -> QuantFormat:
+    return replace(fmt, scale_rule="span")
+
+
 FORMAT_CHANGES: dict[str, Callable[[QuantFormat], QuantFormat]] = {
     "RTN + MSE clip": _mse_clip,
     "GPTQ act-order + MSE clip": _mse_clip,
     "AdaRound + MSE clip": _mse_clip,
     "RTN full-range": _full_range,
     "GPTQ act-order full-range": _full_range,
+    "RTN span": _span,
+    "GPTQ act-order span": _span,
+    "AWQ span": _span,
+    "AWQ full-range": _full_range,
+    "AWQ+GPTQ full-range": _full_range,
 }
-PEERS = {"llm-compressor GPTQ": "gptq", "llm-compressor RTN": "rtn"}
+PEERS = {
+    "llm-compressor GPTQ": "gptq",
+    "llm-compressor RTN": "rtn",
+    "llm-compressor AWQ": "awq",
+}
 
 
 def load_peer_output(path: Path) -> nn.Module:
@@ -166,6 +190,14 @@ def main() -> None:
         action="store_true",
         help="Keep the rows of earlier runs (OUT with .json); rows run again replace theirs.",
     )
+    ap.add_argument(
+        "--merge",
+        type=Path,
+        action="append",
+        default=[],
+        help="Rows (.json) of another run of this script with the same settings (e.g. the "
+        "llm-compressor rows run in a parallel process) to include in OUT.",
+    )
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     source = resolve_model("default", quiet=True)
@@ -186,6 +218,9 @@ def main() -> None:
     store = a.out.with_suffix(".json")
     if a.append and store.exists():
         rows = json.loads(store.read_text())
+    for extra in a.merge:
+        for row in json.loads(extra.read_text()):
+            add_row(rows, row)
     for fname, fmt in FORMATS.items():
         scheme = Scheme(name=fname, weight=fmt, activation=None, group_size_is_ceiling=False)
         for method, peer_method in PEERS.items():
@@ -258,7 +293,9 @@ def main() -> None:
             plan = build_plan(model, replace(scheme, weight=fmt_m))
             ctx = PassContext(calibration=cal, progress=False)
             start = time.perf_counter()
-            Pipeline([make()]).run(QuantState(model=model, plan=plan, tokenizer=tok), ctx)
+            made = make()
+            passes = made if isinstance(made, list) else [made]
+            Pipeline(passes).run(QuantState(model=model, plan=plan, tokenizer=tok), ctx)
             secs = time.perf_counter() - start
             ppl = perplexity(model, eval_ids, seqlen=512, progress=False)
             add_row(
@@ -272,6 +309,8 @@ def main() -> None:
                 },
             )
             write(rows, fp_ppl, a.out, header)
+    if rows:
+        write(rows, fp_ppl, a.out, header)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,9 @@ scale ``s = c / q_max`` from ``scale(element)``, where ``c`` is the clipping thr
 it chose and ``q_max`` the element format's largest magnitude. ``axis=None`` keeps one
 statistic per tensor; ``axis=a`` one per index of dimension ``a`` (per channel).
 
+Histograms accumulate on the device of the data (CPU or CUDA, same code); the clip
+searches run on the CPU copy of the 2048 bins.
+
 The histogram observers keep a 2048-bin histogram of ``|x|`` over ``[0, R)`` with
 ``R = 2^(floor(log2 amax) + 1)`` a power of two strictly above the running ``amax``.
 When ``amax`` grows, ``R`` grows by a power of two ``f`` and every ``f`` old bins merge
@@ -127,18 +130,20 @@ class HistogramObserver(Observer):
         rows = self._rows_checked(x).abs()
         if rows.shape[1] == 0:
             return
+        dev = rows.device
         amax = rows.amax(dim=1)
         tiny = torch.finfo(torch.float32).tiny
         new_r = torch.exp2(torch.floor(torch.log2(amax.clamp_min(tiny))) + 1)
         if self.hist is None or self.range is None or self.amax is None:
-            self.hist = torch.zeros(rows.shape[0], self.bins, dtype=torch.float64)
+            self.hist = torch.zeros(rows.shape[0], self.bins, dtype=torch.float64, device=dev)
             self.range, self.amax = new_r, amax
         else:
             self.amax = torch.maximum(self.amax, amax)
             grown = torch.maximum(self.range, new_r)
             factor = (grown / self.range).round().long()
             if bool((factor > 1).any()):
-                idx = torch.div(torch.arange(self.bins), factor[:, None], rounding_mode="floor")
+                bins = torch.arange(self.bins, device=dev)
+                idx = torch.div(bins, factor[:, None], rounding_mode="floor")
                 merged = torch.zeros_like(self.hist).scatter_add_(1, idx, self.hist)
                 self.hist, self.range = merged, grown
         width = (self.range / self.bins)[:, None]
@@ -146,9 +151,10 @@ class HistogramObserver(Observer):
         self.hist.scatter_add_(1, idx, torch.ones_like(rows, dtype=torch.float64))
 
     def _state(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Histogram, range and amax on the CPU (the clip searches are small and serial)."""
         if self.hist is None or self.range is None or self.amax is None:
             raise ValueError(f"{type(self).__name__} has no data; call update() first")
-        return self.hist, self.range, self.amax
+        return self.hist.cpu(), self.range.cpu(), self.amax.cpu()
 
 
 class PercentileObserver(HistogramObserver):

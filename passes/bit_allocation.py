@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -29,7 +29,7 @@ import torch
 from ptq.models.weight_source import WeightSource
 from ptq.passes.allocation.measure import Estimator, MeasureConfig
 from ptq.pipeline import Pass, PassContext, QuantState
-from ptq.plan import LayerPlan, QuantPlan
+from ptq.plan import QuantPlan
 
 DEFAULT_CANDIDATES = "int8_channel,fp8,int4_g128,int4_g64,nvfp4,mxfp4,int3_g64,fp16"
 DEFAULT_TIES: tuple[tuple[str, ...], ...] = (
@@ -118,14 +118,7 @@ def apply_allocation(plan: QuantPlan, choice: Mapping[str, str], candidates: Seq
             del plan.layers[layer]
             plan.skipped[layer] = f"allocation: {cname}"
         else:
-            plan.layers[layer] = LayerPlan(
-                name=layer,
-                in_features=lp.in_features,
-                out_features=lp.out_features,
-                weight=cand.fmt,
-                activation=lp.activation,
-                method=lp.method,
-            )
+            plan.layers[layer] = replace(lp, weight=cand.fmt)
 
 
 def _cache_dir(config: BitAllocationConfig) -> Path:

@@ -30,6 +30,7 @@ from ptq.pipeline import Pass, PassContext, QuantState
 from ptq.plan import LayerPlan
 from ptq.qlinear import QuantLinear
 from ptq.scheme import ActivationScheme
+from ptq.steps import record_step
 
 QUANTIZED_TYPES: tuple[type[nn.Module], ...] = (QuantLinear, QuantConv2d)
 
@@ -103,6 +104,7 @@ class LayerwisePass(Pass):
 
         def install(name: str, qt: QTensor, bias: torch.Tensor | None, rec: dict[str, Any]) -> None:
             records[name] = rec
+            record_step(ctx.records, name, str(rec.get("fallback", rec["method"])))
             short = ".".join(name.rsplit(".", 2)[-2:])
             ctx.status = f"{short} err={rec.get('rel_output_error', math.nan):.2e}"
             layer = model.get_submodule(name)

@@ -29,6 +29,7 @@ from ptq.formats import INT8, PerChannel, QuantFormat, fake_quantize
 from ptq.pipeline import Pass, PassContext, QuantState
 from ptq.qlinear import QuantLinear
 from ptq.scheme import matches_any
+from ptq.steps import record_step
 
 FactorFormat = Literal["fp16", "bf16", "int8", "fp32"]
 FACTOR_FORMATS: tuple[FactorFormat, ...] = ("fp16", "bf16", "int8", "fp32")
@@ -147,6 +148,8 @@ class LoRCPass(Pass):
         fp = snapshot_weights(state.model, list(ranks))
         self.inner.run_unit(state, ctx)
         errors = apply_lorc(state.model, fp, ranks, self.config.factor_format)
+        for name in errors:
+            record_step(ctx.records, name, self.name)
         record = ctx.records.setdefault(
             "lorc",
             {"factor_format": self.config.factor_format, "rank": {}, "relative_residual": {}},

@@ -1,4 +1,10 @@
-"""The explicit registry of passes by name (recipes and ``--method`` resolve here)."""
+"""The explicit registry of passes by name (recipes and ``--method`` resolve here).
+
+A ``--method`` is a weight method (``rtn``, ``gptq``, ...), optionally preceded by
+transforms joined with ``+``: ``awq+gptq`` is AWQ's scales and clipping, then GPTQ's
+rounding; ``awq`` alone is ``awq+rtn``. ``--method-option KEY=VALUE`` goes to the one
+pass of the method whose config has ``KEY``.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ from typing import Any
 from ptq.pipeline import Pass
 
 WEIGHT_METHODS = ("rtn", "gptq", "adaround", "adaquant", "zeroquant_fp")
+PRE_METHODS = ("awq",)
 
 
 def pass_table() -> dict[str, tuple[type, type]]:
@@ -18,6 +25,7 @@ def pass_table() -> dict[str, tuple[type, type]]:
         AdaRoundPass,
         AdaRoundPassConfig,
     )
+    from ptq.passes.awq import AWQConfig, AWQPass
     from ptq.passes.bit_allocation import BitAllocationConfig, BitAllocationPass
     from ptq.passes.fold_batch_norm import FoldBatchNormConfig, FoldBatchNormPass
     from ptq.passes.gptq import GPTQPass, GPTQPassConfig
@@ -33,6 +41,7 @@ def pass_table() -> dict[str, tuple[type, type]]:
         "adaround": (AdaRoundPass, AdaRoundPassConfig),
         "adaquant": (AdaQuantPass, AdaQuantPassConfig),
         "zeroquant_fp": (ZeroQuantFPPass, ZeroQuantFPConfig),
+        "awq": (AWQPass, AWQConfig),
         "smoothquant": (SmoothQuantPass, SmoothQuantConfig),
         "rotation": (RotationPass, RotationConfig),
         "act_calibration": (ActCalibrationPass, ActCalibrationConfig),
@@ -62,6 +71,59 @@ def make_weight_pass(method: str, **options: Any) -> Pass:
     return cls(cfg(**options))
 
 
+def method_steps(method: str) -> list[str]:
+    """The passes a ``--method`` names, in order (``awq`` -> ``[awq, rtn]``).
+
+    Raises:
+        ValueError: an unknown part, a transform after the weight method, or two weight
+            methods (the message lists the valid names).
+    """
+    parts = [p.strip() for p in method.split("+")]
+    valid = f"valid: {', '.join(sorted(WEIGHT_METHODS))}, optionally after {'+'.join(PRE_METHODS)}+"
+    if parts == list(PRE_METHODS[:1]) or parts[-1] in PRE_METHODS:
+        parts.append("rtn")
+    *pre, weight = parts
+    if weight not in WEIGHT_METHODS or any(p not in PRE_METHODS for p in pre):
+        raise ValueError(f"unknown method {method!r}; {valid} (e.g. awq+gptq)")
+    if len(set(pre)) != len(pre):
+        raise ValueError(f"method {method!r} names a step twice")
+    return [*pre, weight]
+
+
+def route_options(method: str, options: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Split a method's options between its passes by their config fields.
+
+    Raises:
+        ValueError: a key no pass (or more than one) of the method has.
+    """
+    from dataclasses import fields
+
+    table = pass_table()
+    steps = method_steps(method)
+    keys = {s: {f.name for f in fields(table[s][1])} for s in steps}
+    out: dict[str, dict[str, Any]] = {s: {} for s in steps}
+    for key, value in options.items():
+        owners = [s for s in steps if key in keys[s]]
+        if len(owners) != 1:
+            allowed = "; ".join(f"{s}: {sorted(keys[s])}" for s in steps)
+            if owners:
+                raise ValueError(f"option {key!r} of --method {method} is ambiguous ({allowed})")
+            raise ValueError(
+                f"unknown option(s) [{key!r}] of --method {method}; allowed: {allowed}"
+            )
+        out[owners[0]][key] = value
+    return out
+
+
+def make_method_passes(method: str, **options: Any) -> list[Pass]:
+    """The passes of ``--method`` (transforms first, the weight pass last)."""
+    table = pass_table()
+    return [
+        table[step][0](table[step][1](**opts))
+        for step, opts in route_options(method, options).items()
+    ]
+
+
 def _scalar(text: str) -> Any:
     """``text`` as int, float, bool or None when it reads as one, else the string."""
     words = {"true": True, "false": False, "yes": True, "no": False, "none": None, "": None}
@@ -89,9 +151,7 @@ def method_options(method: str, pairs: list[str] | tuple[str, ...]) -> dict[str,
     """
     from ptq.recipe import build_config
 
-    table = {k: v for k, v in pass_table().items() if k in WEIGHT_METHODS}
-    if method not in table:
-        raise ValueError(f"unknown method {method!r}; valid: {', '.join(sorted(table))}")
+    table = pass_table()
     out: dict[str, Any] = {}
     for pair in pairs:
         key, eq, text = pair.partition("=")
@@ -99,5 +159,6 @@ def method_options(method: str, pairs: list[str] | tuple[str, ...]) -> dict[str,
         if not eq or not key:
             raise ValueError(f"method option {pair!r} is not KEY=VALUE")
         out[key] = _scalar(text.strip())
-    build_config(table[method][1], out, f"--method {method}")
+    for step, opts in route_options(method, out).items():
+        build_config(table[step][1], opts, f"--method {method} ({step})")
     return out

@@ -38,6 +38,7 @@ from ptq.formats.scale_rules import pow2_cover
 from ptq.modules import replace_module
 from ptq.pipeline import Pass, PassContext, QuantState
 from ptq.qlinear import QuantLinear
+from ptq.steps import record_step
 
 Variant = Literal["m1", "m2"]
 
@@ -160,3 +161,4 @@ class ZeroQuantFPPass(Pass):
             replace_module(
                 state.model, lp.name, QuantLinear(res.qtensor, module.bias, lp.activation)
             )
+            record_step(ctx.records, lp.name, self.name)

@@ -44,6 +44,7 @@ from ptq.output import atomic_output_dir, check_output_dir
 from ptq.pipeline import Pass, PassContext, Pipeline, QuantState
 from ptq.plan import QuantPlan, build_plan
 from ptq.scheme import Scheme, get_scheme
+from ptq.steps import apply_steps
 
 if TYPE_CHECKING:
     from ptq.calibration.distributed import DistributedContext
@@ -83,10 +84,19 @@ class QuantizeResult:
     rank: int = 0
 
 
-def default_pipeline(method: str = "rtn") -> Pipeline:
-    from ptq.passes.registry import make_weight_pass
+def default_pipeline(scheme: Scheme, calibration: CalibrationConfig | None = None) -> Pipeline:
+    """What ``ptq quantize`` runs without ``--method``: the best measured method for the
+    scheme (:func:`ptq.compose.default_method`), plus static activation calibration."""
+    from ptq.compose import build_passes, default_method
+    from ptq.models.paths import default_calibration_files
 
-    return Pipeline([make_weight_pass(method)])
+    available = calibration is not None and calibration.path is not None
+    if not available:
+        try:
+            available = bool(default_calibration_files())
+        except PtqInputError:
+            available = False
+    return Pipeline(build_passes(scheme, method=default_method(scheme, available)))
 
 
 def _as_scheme(scheme: Scheme | str) -> Scheme:
@@ -129,7 +139,8 @@ def quantize(
         scheme: A :class:`~ptq.scheme.Scheme` or a preset name (``w4a8`` ...).
         output: Folder for the compressed-tensors checkpoint (written atomically). Given,
             the model is read block by block and never loaded whole.
-        pipeline: Passes to run (default: round-to-nearest).
+        pipeline: Passes to run (default: :func:`default_pipeline`, GPTQ for weights
+            of 4 bits or fewer, else round-to-nearest).
         calibration: Calibration data settings (used when a pass needs data).
         evaluate: FP and quantized perplexity on held-out text (in the same block-wise
             run when ``output`` is given).
@@ -313,7 +324,7 @@ def _quantize(
     pipe = (
         pipeline
         if isinstance(pipeline, Pipeline)
-        else Pipeline(pipeline or default_pipeline().passes)
+        else Pipeline(pipeline or default_pipeline(scheme, calibration).passes)
     )
     dev = resolve_device(device, None if dctx is None else dctx.local_rank)
     if out is None:
@@ -378,6 +389,7 @@ def _quantize(
         ),
         transformed=_TransformedFolder(work, skeleton, dev, lazy.dtype),
     )
+    apply_steps(plan, ctx.records)
     result = QuantizeResult(model=None, plan=plan, output=out, records=ctx.records)
     result.fp_ppl, result.quant_ppl = outcome.perplexities()
     if main and result.fp_ppl is not None and result.quant_ppl is not None:
@@ -540,6 +552,7 @@ def _quantize_in_memory(
     ctx = PassContext(seed=seed, progress=progress, distributed=dctx, device=device)
     ctx.calibration = _calibration(pipe, scheme, calibration, tokenizer, source, seed)
     pipe.run(QuantState(model=fp_model, plan=plan, tokenizer=tokenizer), ctx)
+    apply_steps(plan, ctx.records)
     result.records = ctx.records
     if eval_ids is not None and eval_cfg is not None:
         result.quant_ppl = perplexity(

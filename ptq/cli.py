@@ -18,7 +18,7 @@ from ptq.devices import DEVICE_HELP, DTYPE_HELP
 from ptq.errors import PtqError, PtqUsageError
 
 SCHEME_FLAGS = ("w4a16", "w4a8", "w8a8", "fp8", "w8a16")
-SCALE_RULE_NAMES = ("amax", "full-range", "mx", "mx-round-up")
+SCALE_RULE_NAMES = ("amax", "span", "full-range", "mx", "mx-round-up")
 CLIP_NAMES = ("none", "mse")
 
 
@@ -66,15 +66,18 @@ def scheme_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     fn = click.option(
         "--weight-format",
         default=None,
-        help="Override the weight format (a preset name, see `ptq formats`).",
+        help="Override the weight format: a preset (`ptq formats`) or a descriptor such as "
+        "int5_g64, int4_g32_asym, fp6_e3m2_g32, fp4_e2m1_g16_ue5m3 (grammar: "
+        "`ptq formats --help`).",
     )(fn)
     fn = click.option(
         "--scale-rule",
         type=click.Choice(SCALE_RULE_NAMES),
         default=None,
-        help="Weight scale rule: amax (s = amax / q_max) or full-range (s = v* / -2^(b-1), "
-        "v* the signed peak: all 2^b INT levels used, as ONNX Runtime's RTN); default: "
-        "the format's own.",
+        help="Weight scale rule: amax (s = amax / q_max), span (s = amax / ((q_max - q_min) / "
+        "2), compressed-tensors' rule) or full-range (s = v* / -2^(b-1), v* the signed "
+        "peak: all 2^b INT levels used, as ONNX Runtime's RTN). Default: full-range for "
+        "symmetric INT weights of 4 bits or fewer (the best measured), else amax.",
     )(fn)
     fn = click.option(
         "--clip",
@@ -122,9 +125,11 @@ def build_scheme(
         scheme = get_scheme(chosen[0] if chosen else "w4a16")
         weight = None
         if weight_format is not None:
-            from ptq.formats.presets import get_preset
+            from ptq.formats.names import parse_format
+            from ptq.scheme import best_scale_rule
 
-            weight = get_preset(weight_format)
+            weight = parse_format(weight_format)
+            weight = weight if scale_rule is not None else best_scale_rule(weight)
         kwargs: dict[str, Any] = {"weight": weight, "group_size": group_size}
         if act_format is not None:
             kwargs["activation"] = get_activation(act_format)
@@ -172,7 +177,30 @@ def main() -> None:
     "-o", "--output", type=click.Path(path_type=Path), required=True, help="Output folder."
 )
 @scheme_options
-@click.option("--method", default="rtn", show_default=True, help="Weight rounding method.")
+@click.option(
+    "--method",
+    default=None,
+    help="Weight method: rtn, gptq, adaround, adaquant, zeroquant_fp, each optionally after "
+    "awq+ (awq+gptq: AWQ scales and clipping, then GPTQ rounding; awq alone: awq+rtn). "
+    "Default: gptq for weights of 4 bits or fewer when calibration text is available "
+    "(the best measured), rtn otherwise.",
+)
+@click.option(
+    "--rounding",
+    type=click.Choice(["nearest", "stochastic"]),
+    default="nearest",
+    show_default=True,
+    help="RTN's rounding: to nearest (ties to even), or stochastic (floor(w/s + u), u ~ "
+    "U[0,1), seeded per layer by --seed). stochastic without --method means rtn.",
+)
+@click.option(
+    "--act-observer",
+    type=click.Choice(["minmax", "percentile", "mse", "kl"]),
+    default=None,
+    help="Observer of static activation ranges (static --act-format only): minmax, "
+    "percentile (99.99th of |x|), mse (least quantization error) or kl (TensorRT "
+    "entropy). Default: mse (the best measured).",
+)
 @click.option(
     "--calib",
     type=click.Path(path_type=Path),
@@ -311,7 +339,9 @@ def main() -> None:
 def quantize(
     model: str,
     output: Path,
-    method: str,
+    method: str | None,
+    rounding: str,
+    act_observer: str | None,
     calib: Path | None,
     calib_samples: int,
     calib_seqlen: int,
@@ -354,8 +384,13 @@ def quantize(
     from ptq.api import quantize as run
 
     _quiet_libraries(quiet)
-    from ptq.passes.registry import make_weight_pass, method_options
+    from ptq.passes.registry import make_method_passes, method_options
 
+    if recipe is not None and (method or rounding != "nearest" or act_observer):
+        raise PtqUsageError(
+            "--method/--rounding/--act-observer with --recipe: set them in the recipe"
+        )
+    method = method or _default_method(scheme_kw, calib, rounding, bool(budget or budget_latency))
     knobs = {
         k: v
         for k, v in {"percdamp": percdamp, "act_order": act_order, "iterations": iterations}.items()
@@ -413,12 +448,14 @@ def quantize(
             budget, budget_latency, candidates, estimator, kernel_efficiency=kernel_efficiency
         )
         try:
-            make_weight_pass(method, **knobs)
+            make_method_passes(method, **knobs)
         except (ValueError, TypeError) as exc:
             raise PtqUsageError(f"--method {method}: {exc}") from None
         passes = build_passes(
             scheme,
             method=method,
+            rounding=rounding,
+            act_observer=act_observer,
             knobs=knobs,
             smoothquant=smoothquant,
             rotate=rotate,
@@ -471,6 +508,33 @@ def quantize(
         if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
             peak = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
     click.echo(f"done in {result.seconds:.1f} s{peak}")
+
+
+def _default_method(
+    scheme_kw: dict[str, Any], calib: Path | None, rounding: str, budget: bool
+) -> str:
+    """``--method`` when none is given (:func:`ptq.compose.default_method`); ``rtn`` for
+    stochastic rounding and for a budget (the allocation measured its candidates so)."""
+    from ptq.compose import default_method
+
+    if rounding == "stochastic" or budget:
+        return "rtn"
+    has_scheme = any(scheme_kw[k] for k in ("scheme_flags", "scheme_name", "weight_format"))
+    if not has_scheme:
+        return "rtn"  # build_scheme reports the missing scheme (or --budget picks formats)
+    return default_method(build_scheme(**scheme_kw), _calibration_available(calib))
+
+
+def _calibration_available(calib: Path | None) -> bool:
+    """A --calib file, or the default plays installed."""
+    if calib is not None:
+        return True
+    from ptq.models.paths import default_calibration_files
+
+    try:
+        return bool(default_calibration_files())
+    except PtqError:
+        return False
 
 
 @main.command("eval")
@@ -545,11 +609,34 @@ def plan(model: str, as_json: bool, trust_remote_code: bool, **scheme_kw: Any) -
 
 
 @main.command()
-def formats() -> None:
-    """List every element format and preset with bits/weight, range and smallest step."""
+@click.argument("names", nargs=-1)
+@_friendly
+def formats(names: tuple[str, ...]) -> None:
+    """List every element format and preset with bits/weight, range and smallest step;
+    with NAMES, describe those formats (presets or descriptors).
+
+    \b
+    Anything --weight-format takes is a preset name or a descriptor:
+      descriptor  := element [_granularity] {_modifier}
+      element     := int{B}            signed integer, B in 2..8
+                   | fp{N}_e{E}m{M}    minifloat ExMy, N = 1 + E + M <= 8
+      granularity := g{G}              one scale per G inputs
+                   | channel           one scale per output row (default)
+                   | tensor            one scale for the tensor
+                   | b{R}x{C}          one scale per R x C tile
+      modifier    := asym              integers: a zero point per scale block
+                   | global            an fp32 per-tensor second level (as NVFP4)
+                   | fp16|bf16|fp32|e8m0|e4m3|ue5m3|pow2   scale storage (default fp16)
+    Examples: int5_g64, int4_g32_asym, fp6_e3m2_g32, fp4_e2m1_g16_ue5m3,
+    fp4_e2m1_g16_e4m3_global, int8_b128x128. Minifloats use the bias 2^(E-1)-1; FP8
+    E4M3 is OCP's (no Inf), E5M2 IEEE-style, other ExMy all-finite.
+    """
     from ptq.formats.table import format_table
 
-    rows = format_table()
+    try:
+        rows = format_table(names)
+    except ValueError as exc:
+        raise PtqUsageError(str(exc)) from None
     header = ("name", "bits/weight", "max", "smallest step", "description")
     cells = [header] + [
         tuple(f"{c:g}" if isinstance(c, float) else str(c) for c in _row_cells(r)) for r in rows

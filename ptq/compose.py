@@ -1,10 +1,14 @@
 """Compose the standard pipeline from CLI-style options (the same for the Python API).
 
-Order: ``[rotation] [smoothquant] [bit_allocation] weight-pass (wrapped by LoRC / bias
-correction) [act_calibration for static activations] [kv_cache]``: transforms that
+Order: ``[rotation] [smoothquant] [bit_allocation] [awq] weight-pass (wrapped by LoRC /
+bias correction) [act_calibration for static activations] [kv_cache]``: transforms that
 reshape the FP model run first, the allocation measures sensitivities of the transformed
-weights and sets each layer's format, the weight pass quantizes, calibration of static
-scales follows.
+weights and sets each layer's format, AWQ scales and clips for those formats, the weight
+pass quantizes, calibration of static scales follows.
+
+The default method (:func:`default_method`) is the best one measured for the scheme:
+GPTQ for weights of 4 bits or fewer when calibration text is available (SmolLM2 INT4
+g64: docs/rounding.md), round-to-nearest otherwise.
 """
 
 from __future__ import annotations
@@ -16,14 +20,27 @@ from ptq.pipeline import Pass
 from ptq.scheme import Scheme
 
 if TYPE_CHECKING:
+    from ptq.passes.act_calibration import ObserverName
     from ptq.passes.kv_cache import KVDtype
     from ptq.passes.lorc import FactorFormat
+
+
+LOW_BITS = 4
+BEST_LOW_BIT_METHOD = "gptq"
+
+
+def default_method(scheme: Scheme, calibration: bool) -> str:
+    """``--method`` when none is given: :data:`BEST_LOW_BIT_METHOD` for weights of
+    :data:`LOW_BITS` bits or fewer if calibration text is available, else ``rtn``."""
+    return BEST_LOW_BIT_METHOD if calibration and scheme.weight.bits <= LOW_BITS else "rtn"
 
 
 def build_passes(
     scheme: Scheme,
     *,
     method: str = "rtn",
+    rounding: str = "nearest",
+    act_observer: str | None = None,
     knobs: dict[str, Any] | None = None,
     smoothquant: str | None = None,
     rotate: bool = False,
@@ -39,9 +56,13 @@ def build_passes(
 
     Args:
         scheme: The scheme (static activations add an activation-calibration pass).
-        method: Weight rounding method (``rtn``, ``gptq``, ``adaround``, ``adaquant``,
-            ``zeroquant_fp``).
-        knobs: Options of the method's config (e.g. ``percdamp``).
+        method: Weight method (``rtn``, ``gptq``, ``adaround``, ``adaquant``,
+            ``zeroquant_fp``), optionally after ``awq+`` (``awq`` alone: AWQ + RTN).
+        rounding: ``nearest`` or ``stochastic`` (RTN only).
+        act_observer: Observer of static activation ranges (``minmax``, ``percentile``,
+            ``mse``, ``kl``); only with a static activation scheme.
+        knobs: Options of the method's passes (e.g. ``percdamp``), each routed to the
+            pass whose config has it.
         smoothquant: ``"search"`` (per-group alpha search) or an alpha in [0, 1].
         rotate: Fuse randomised Hadamard rotations into the weights (QuaRot).
         rotate_online: Also rotate ``down_proj``'s input online (emulation only).
@@ -58,7 +79,7 @@ def build_passes(
         PtqUsageError: bad options, or ``lorc`` with ``allocation`` (the allocation
             chooses LoRC per layer through ``+lorc`` candidates).
     """
-    from ptq.passes.registry import make_weight_pass
+    from ptq.passes.registry import make_method_passes
 
     passes: list[Pass] = []
     try:
@@ -75,7 +96,12 @@ def build_passes(
                 else SmoothQuantConfig(alpha=float(smoothquant))
             )
             passes.append(SmoothQuantPass(cfg))
-        weight = make_weight_pass(method, **(knobs or {}))
+        options = dict(knobs or {})
+        if rounding != "nearest":
+            if method.split("+")[-1] not in ("rtn", "awq"):
+                raise ValueError(f"--rounding {rounding} applies to RTN (--method rtn or awq)")
+            options["rounding"] = rounding
+        *pre, weight = make_method_passes(method, **options)
         if allocation is not None:
             from ptq.passes.bit_allocation import AllocatedLoRCPass
 
@@ -86,6 +112,7 @@ def build_passes(
                 )
             passes.append(allocation)
             weight = AllocatedLoRCPass(weight)
+        passes.extend(pre)
         if lorc is not None:
             from ptq.passes.lorc import LoRCConfig, LoRCPass
 
@@ -94,10 +121,20 @@ def build_passes(
             )
         static = scheme.activation is not None and not scheme.activation.dynamic
         inner: list[Pass] = [weight]
+        if act_observer is not None and not static:
+            raise ValueError(
+                "--act-observer chooses static activation ranges: give a static activation "
+                "format (e.g. --act-format int8_tensor_static)"
+            )
         if static:
-            from ptq.passes.act_calibration import ActCalibrationPass
+            from ptq.passes.act_calibration import ActCalibrationConfig, ActCalibrationPass
 
-            inner.append(ActCalibrationPass())
+            calib = (
+                ActCalibrationConfig()
+                if act_observer is None
+                else ActCalibrationConfig(observer=cast("ObserverName", act_observer))
+            )
+            inner.append(ActCalibrationPass(calib))
         if bias_correction and stats_tuning:
             raise PtqUsageError("choose --bias-correction or --stats-tuning (it includes it)")
         if bias_correction or stats_tuning:

@@ -30,7 +30,12 @@ IN_MEMORY_KINDS = (*SUPPORTED_KINDS, "conv2d", "conv1d")
 
 @dataclass(frozen=True, kw_only=True)
 class LayerPlan:
-    """What happens to one layer."""
+    """What happens to one layer.
+
+    ``method`` is the steps that changed its weight, joined by ``+`` (``awq+gptq``;
+    after a run, what actually ran: :mod:`ptq.steps`); ``rounding`` how its codes were
+    rounded (``nearest``, or ``stochastic`` for ``--rounding stochastic``).
+    """
 
     name: str
     in_features: int
@@ -38,6 +43,7 @@ class LayerPlan:
     weight: QuantFormat
     activation: ActivationScheme | None
     method: str = "rtn"
+    rounding: str = "nearest"
 
     @property
     def group_size(self) -> int | None:
@@ -51,6 +57,7 @@ class LayerPlan:
             "weight": format_to_dict(self.weight),
             "activation": None if self.activation is None else self.activation.to_dict(),
             "method": self.method,
+            "rounding": self.rounding,
         }
 
     @classmethod
@@ -63,6 +70,7 @@ class LayerPlan:
             weight=format_from_dict(data["weight"]),
             activation=None if act is None else ActivationScheme.from_dict(act),
             method=str(data.get("method", "rtn")),
+            rounding=str(data.get("rounding", "nearest")),
         )
 
 
@@ -125,15 +133,7 @@ class QuantPlan:
                     del self.layers[name]
                     self.skipped[name] = f"override {pattern}"
                 else:
-                    lp = self.layers[name]
-                    self.layers[name] = LayerPlan(
-                        name=name,
-                        in_features=lp.in_features,
-                        out_features=lp.out_features,
-                        weight=weight,
-                        activation=lp.activation,
-                        method=lp.method,
-                    )
+                    self.layers[name] = replace(self.layers[name], weight=weight)
 
     def summary_rows(self) -> list[tuple[str, str, str, str]]:
         rows = []

@@ -49,3 +49,14 @@ def test_custom_pass_example(tiny_llama: Path, tmp_path: Path) -> None:
         mean, std = w.mean(dim=1, keepdim=True), w.std(dim=1, keepdim=True)
         expected += int(((w < mean - 2.0 * std) | (w > mean + 2.0 * std)).sum())
     assert records["weight_clip"]["clipped_values"] == expected > 0
+
+
+def test_awq_gptq_recipe(run_cli: object, tiny_llama: Path, tmp_path: Path) -> None:
+    out = tmp_path / "awq"
+    r = run_cli(  # type: ignore[operator]
+        "quantize", str(tiny_llama), "--recipe", str(ROOT / "examples" / "w4a16_awq_gptq.yaml"),
+        "--calib-samples", "4", "--calib-seqlen", "32", "-o", str(out), "-q",
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    plan = json.loads((out / "ptq_plan.json").read_text())
+    assert {lp["method"] for lp in plan["layers"].values()} == {"awq+gptq"}

@@ -1,6 +1,8 @@
 """Quantize a causal LM with llm-compressor (run with the peer venv's python).
 
-Runs ``oneshot`` with GPTQModifier or QuantizationModifier (RTN) on the calibration token
+Runs ``oneshot`` with GPTQModifier, QuantizationModifier (RTN) or AWQModifier followed by
+QuantizationModifier (llm-compressor's AWQ: scales only, the RTN modifier rounds; CPU
+needs ``torch.Tensor.pin_memory`` made a no-op) on the calibration token
 ids saved by our benchmark (``torch.save`` of an ``[n, seqlen]`` tensor), writes the
 compressed model to ``--out`` and a JSON line with the wall time of the ``oneshot`` call.
 With ``--eval-ids`` it also computes perplexity with a copy of ``ptq.evaluate.perplexity``
@@ -34,10 +36,37 @@ INT_SCHEMES = {
 
 
 ACT_SCHEMES = ("w8a8_sq_gptq", "w4a8_fp8_int4_g64")
+# llm-compressor's W4A16 example recipe (GPTQ, preset W4A16 = INT4 symmetric group 128)
+# verbatim, and the same with group 64 where 128 does not divide a layer's input (the
+# group sizes ptq's --w4a16 preset rule picks: 64 for SmolLM2's 576-wide inputs, 128 for
+# down_proj's 1536).
+EXAMPLE_SCHEMES = ("w4a16_example", "w4a16_example_g64")
+
+
+def _example(cls: type) -> object:
+    g64 = QuantizationArgs(type="int", symmetric=True, num_bits=4, strategy="group", group_size=64)
+    g128 = QuantizationArgs(
+        type="int", symmetric=True, num_bits=4, strategy="group", group_size=128
+    )
+    narrow = [f"re:.*{n}_proj$" for n in ("q", "k", "v", "o", "gate", "up")]
+    groups = {
+        "group_0": QuantizationScheme(targets=narrow, weights=g64),
+        "group_1": QuantizationScheme(targets=["re:.*down_proj$"], weights=g128),
+    }
+    return cls(config_groups=groups, ignore=["lm_head"])
 
 
 def recipe(scheme: str, method: str) -> object:
+    if method == "awq":
+        from llmcompressor.modifiers.transform.awq import AWQModifier
+
+        torch.Tensor.pin_memory = lambda self, *a, **k: self  # type: ignore[method-assign]
+        return [AWQModifier(), recipe(scheme, "rtn")]
     cls = GPTQModifier if method == "gptq" else QuantizationModifier
+    if scheme == "w4a16_example":
+        return cls(targets="Linear", scheme="W4A16", ignore=["lm_head"])
+    if scheme == "w4a16_example_g64":
+        return _example(cls)
     if scheme == "w8a8_sq_gptq":  # llm-compressor's W8A8 example: SmoothQuant 0.8 + GPTQ
         from llmcompressor.modifiers.transform import SmoothQuantModifier
 
@@ -75,8 +104,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
     ap.add_argument("--calib", required=True)
-    ap.add_argument("--scheme", required=True, choices=[*INT_SCHEMES, "nvfp4", *ACT_SCHEMES])
-    ap.add_argument("--method", required=True, choices=["gptq", "rtn"])
+    ap.add_argument(
+        "--scheme", required=True, choices=[*INT_SCHEMES, "nvfp4", *ACT_SCHEMES, *EXAMPLE_SCHEMES]
+    )
+    ap.add_argument("--method", required=True, choices=["gptq", "rtn", "awq"])
     ap.add_argument("--out", required=True)
     ap.add_argument("--eval-ids", default=None)
     ap.add_argument("--seqlen", type=int, default=512)

@@ -6,9 +6,8 @@ Base names resolve, in order, through :func:`default_format`:
 2. short aliases (``fp8`` -> ``fp8_e4m3_channel``, ``mxfp6`` -> ``mxfp6_e2m3``, ...);
 3. the named-format registry :func:`ptq.formats.presets.preset` (``int4_g128``,
    ``nvfp4``, ``mxfp4``, ``fp8_block128``, ...);
-4. LOCAL FALLBACK :func:`local_format`: integer families the registry does not enumerate,
-   ``int{B}_channel | int{B}_tensor | int{B}_g{G}`` with optional ``_asym`` (B in 2..8,
-   fp16 scales as the integer presets use). Drop it if the registry grows a parser.
+4. a format descriptor (:func:`ptq.formats.names.parse_descriptor`: ``int4_g256``,
+   ``int3_g128_asym``, ``fp6_e3m2_g32``, ...).
 
 Grammar of one candidate (no spaces inside a name)::
 
@@ -24,7 +23,8 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from ptq.formats import IntFormat, PerChannel, PerGroup, PerTensor, QuantFormat
+from ptq.formats import QuantFormat
+from ptq.formats.names import FormatNameError, parse_descriptor
 from ptq.formats.presets import preset, preset_names
 from ptq.passes.allocation.candidates import Candidate
 
@@ -39,48 +39,27 @@ ALIASES = {
     "fp8_e5m2": "fp8_e5m2_channel",
     "mxfp6": "mxfp6_e2m3",
 }
-_INT = re.compile(r"int([2-8])_(channel|tensor|g(\d+))(_asym)?")
 _LORC = re.compile(r"(?P<base>[^+@]+)\+lorc(?P<rank>\d+)(?:@(?P<factor>[^+@]+))?")
 
 
-def local_format(name: str) -> QuantFormat | None:
-    """LOCAL FALLBACK for integer names the preset registry lacks (e.g. ``int4_g256``,
-    ``int3_g128_asym``): ``int{B}_channel|_tensor|_g{G}[_asym]`` with fp16 scales.
-
-    Returns:
-        The format, or ``None`` when ``name`` is not of that form.
-    """
-    m = _INT.fullmatch(name)
-    if m is None:
-        return None
-    bits, gran, group, asym = m.groups()
-    granularity: PerGroup | PerChannel | PerTensor
-    if group is not None:
-        granularity = PerGroup(int(group))
-    else:
-        granularity = PerChannel() if gran == "channel" else PerTensor()
-    return QuantFormat(IntFormat(int(bits)), granularity, not asym, scale_format="fp16", name=name)
-
-
 def default_format(name: str) -> QuantFormat | None:
-    """Resolve a base name (dense, alias, preset, local integer family; see the module).
+    """Resolve a base name (dense, alias, preset, descriptor; see the module).
 
     Raises:
-        ValueError: unknown name; the message lists every valid form.
+        ValueError: unknown name; the message names the part that could not be read.
     """
     if name in DENSE_BITS:
         return None
     target = ALIASES.get(name, name)
     if target in preset_names():
         return preset(target)
-    fmt = local_format(name)
-    if fmt is None:
+    try:
+        return parse_descriptor(name)
+    except FormatNameError as exc:
         raise ValueError(
-            f"unknown candidate format {name!r}; valid: {', '.join(DENSE_BITS)}, "
-            f"{', '.join(ALIASES)}, {', '.join(preset_names())}, "
-            "int{2..8}_channel|_tensor|_g{G}[_asym], each optionally +lorc{R}[@{factor}]"
-        )
-    return fmt
+            f"unknown candidate format {name!r} (dense: {', '.join(DENSE_BITS)}; aliases: "
+            f"{', '.join(ALIASES)}; each optionally +lorc{{R}}[@{{factor}}]): {exc}"
+        ) from None
 
 
 def parse_candidate(spec: str, resolve: FormatResolver = default_format) -> Candidate:

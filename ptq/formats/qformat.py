@@ -17,9 +17,9 @@ from ptq.formats.granularity import Granularity, PerChannel, PerGroup
 from ptq.formats.rounding import NONFINITE_POLICIES, NonFinitePolicy
 from ptq.formats.scales import SCALE_FORMATS, ScaleFormat
 
-ScaleRule = Literal["amax", "mx", "mx_round_up", "full_range"]
+ScaleRule = Literal["amax", "mx", "mx_round_up", "full_range", "span"]
 ClipSearch = Literal["none", "mse"]
-SCALE_RULES: tuple[ScaleRule, ...] = ("amax", "mx", "mx_round_up", "full_range")
+SCALE_RULES: tuple[ScaleRule, ...] = ("amax", "mx", "mx_round_up", "full_range", "span")
 FULL_RANGE_SCALES = ("fp32", "fp16", "bf16")
 CLIP_SEARCHES: tuple[ClipSearch, ...] = ("none", "mse")
 
@@ -40,7 +40,10 @@ class QuantFormat:
             ``full_range`` (signed integers: ``s = v* / -2^(b-1)`` with ``v*`` the block's
             element of largest magnitude, signed, so ``v*`` lands exactly on code
             ``-2^(b-1)`` and all ``2^b`` codes are used; ``s`` may be negative; ONNX
-            Runtime's symmetric RTN rule).
+            Runtime's symmetric RTN rule), or ``span`` (signed integers:
+            ``s = amax / ((q_max - q_min) / 2)``, e.g. ``amax / 7.5`` for INT4, so ``-amax``
+            lands on code ``-2^(b-1)`` and ``+amax`` saturates to ``2^(b-1) - 1``;
+            compressed-tensors' symmetric rule).
         global_scale: Add an fp32 per-tensor second level (NVFP4):
             ``x^ = q * (t_B / g)``.
         clip: ``mse`` searches the clip ratio per block minimising squared error.
@@ -79,7 +82,7 @@ class QuantFormat:
             raise ValueError("asymmetric (zero-point) quantization needs an integer element")
         if not self.symmetric and (self.global_scale or self.channel_scale or self.clip != "none"):
             raise ValueError("asymmetric quantization supports neither second levels nor clip")
-        if self.scale_rule == "full_range":
+        if self.scale_rule in ("full_range", "span"):
             self._check_full_range()
         elif self.scale_rule != "amax" and self.scale_format not in ("e8m0", "pow2"):
             raise ValueError(f"scale rule {self.scale_rule!r} needs an e8m0 or pow2 scale")
@@ -98,21 +101,23 @@ class QuantFormat:
             )
 
     def _check_full_range(self) -> None:
-        el = self.element
+        """``full_range`` and ``span`` use the code ``-2^(b-1)``: signed unrestricted
+        integers, symmetric, one level, plain float scales."""
+        el, rule = self.element, self.scale_rule
         if not (isinstance(el, IntFormat) and el.signed and not el.restricted):
             raise ValueError(
-                f"scale rule 'full_range' needs a signed, unrestricted integer element "
+                f"scale rule {rule!r} needs a signed, unrestricted integer element "
                 f"(it maps onto code -2^(b-1)), not {el.name}"
             )
         if not self.symmetric or self.global_scale or self.channel_scale:
             raise ValueError(
-                "scale rule 'full_range' is a symmetric single-level rule (no zero point, "
+                f"scale rule {rule!r} is a symmetric single-level rule (no zero point, "
                 "global_scale or channel_scale)"
             )
         if self.scale_format not in FULL_RANGE_SCALES:
             raise ValueError(
-                f"scale rule 'full_range' stores signed scales: use one of "
-                f"{', '.join(FULL_RANGE_SCALES)}, not {self.scale_format!r}"
+                f"scale rule {rule!r} needs a plain float scale (full_range stores signed "
+                f"scales): use one of {', '.join(FULL_RANGE_SCALES)}, not {self.scale_format!r}"
             )
 
     def with_granularity(self, granularity: Granularity) -> QuantFormat:

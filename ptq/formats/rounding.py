@@ -23,12 +23,17 @@ NONFINITE_POLICIES: tuple[NonFinitePolicy, ...] = ("raise", "propagate")
 def round_to_integer(
     x: torch.Tensor, mode: RoundingMode = "nearest", generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Round ``x`` to integers: ties to even (``torch.round``) or stochastically."""
+    """Round ``x`` to integers: ties to even (``torch.round``) or stochastically.
+
+    The stochastic noise is drawn on the generator's device and moved to ``x``'s, so one
+    seeded (CPU) generator gives the same codes whether ``x`` is on the CPU or a GPU.
+    """
     if mode == "nearest":
         return torch.round(x)
     if mode == "stochastic":
-        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        return noise.add_(x).floor_()
+        where = generator.device if generator is not None else x.device
+        noise = torch.rand(x.shape, generator=generator, device=where, dtype=x.dtype)
+        return noise.to(x.device).add_(x).floor_()
     raise ValueError(f"unknown rounding mode {mode!r}; choose 'nearest' or 'stochastic'")
 
 

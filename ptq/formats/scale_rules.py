@@ -15,6 +15,10 @@ For a block ``B`` with ``a = amax(B)`` and element maximum ``q_max``:
   ``-v*`` saturates to ``2^(b-1) - 1``). ``s`` is negative when ``v* > 0``; plain float
   encodings keep the sign (``|s|`` rounded, sign restored). This is ONNX Runtime's
   symmetric block quantizer (``MatMulNBitsQuantizer`` RTN).
+* ``span`` (signed integers): ``s = a / ((q_max - q_min) / 2)`` (``a / 7.5`` for INT4),
+  the rule compressed-tensors' observers use for symmetric integers: ``-a`` lands on
+  code ``-2^(b-1)`` (``-7.5`` rounds to even ``-8``) and ``+a`` saturates to
+  ``2^(b-1) - 1``, a finer grid than ``amax`` at the cost of one clipped half-step.
 * ZeroQuant-FP M2 (Wu et al., "ZeroQuant-FP", 2023): ``c_r = amax(row) / q_max`` real,
   ``f_rg`` the smallest power of two with ``a_rg <= q_max * f_rg * c_r``; effective
   ``f_rg * c_r``. M1 is plain ``pow2`` per-channel scales.
@@ -24,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from ptq.formats.element import ElementFormat, FloatFormat
+from ptq.formats.element import ElementFormat, FloatFormat, IntFormat
 from ptq.formats.qformat import QuantFormat
 from ptq.formats.scales import E8M0_BIAS, SCALE_MAX, encode_scale, pow2_exponent
 
@@ -108,6 +112,12 @@ def symmetric_scales(
     if fmt.scale_rule == "full_range":  # ``amax`` holds the signed peaks here
         s = full_range_scales(amax, fmt)
         return s, s, None
+    if fmt.scale_rule == "span":
+        el = fmt.element
+        assert isinstance(el, IntFormat)
+        s = div_scalar(amax, (el.qmax - el.qmin) / 2)
+        stored = encode_scale(torch.where(s > 0, s, torch.ones_like(s)), fmt.scale_format)
+        return stored, stored, None
     if fmt.scale_rule == "mx":
         e = pow2_exponent(amax, round_up=False) - element_emax(fmt.element)
         s = torch.ldexp(torch.ones_like(amax), torch.clamp(e, -E8M0_BIAS, E8M0_BIAS))

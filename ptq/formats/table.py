@@ -34,6 +34,7 @@ from ptq.formats.element import (
     FloatFormat,
 )
 from ptq.formats.presets import nominal_bits_per_weight, preset, preset_names
+from ptq.formats.qformat import QuantFormat
 from ptq.formats.scales import UE5M3
 
 
@@ -69,8 +70,7 @@ def _describe_element(el: ElementFormat) -> str:
     return f"{kind} {el.bits}-bit integer {rng}" + (" (restricted)" if el.restricted else "")
 
 
-def _describe_preset(name: str) -> str:
-    fmt = preset(name)
+def _describe_format(fmt: QuantFormat) -> str:
     g = fmt.granularity
     gran = {
         "tensor": "per tensor",
@@ -90,21 +90,26 @@ def _describe_preset(name: str) -> str:
     return ", ".join(parts)
 
 
-def format_table() -> list[FormatRow]:
-    """Rows for every element format, then every preset (sorted by name)."""
+def format_row(name: str, fmt: QuantFormat) -> FormatRow:
+    """The row of one weight format (a preset or a descriptor)."""
+    return FormatRow(
+        name,
+        nominal_bits_per_weight(fmt),
+        fmt.element.max_value,
+        fmt.element.min_subnormal,
+        _describe_format(fmt),
+    )
+
+
+def format_table(names: tuple[str, ...] = ()) -> list[FormatRow]:
+    """Rows for every element format, then every preset (sorted by name); with ``names``
+    (presets or descriptors, :mod:`ptq.formats.names`) only theirs."""
+    from ptq.formats.names import parse_format
+
+    if names:
+        return [format_row(n, parse_format(n)) for n in names]
     rows = [
         FormatRow(el.name, float(el.bits), el.max_value, el.min_subnormal, _describe_element(el))
         for el in ELEMENT_FORMATS
     ]
-    for name in preset_names():
-        fmt = preset(name)
-        rows.append(
-            FormatRow(
-                name,
-                nominal_bits_per_weight(fmt),
-                fmt.element.max_value,
-                fmt.element.min_subnormal,
-                _describe_preset(name),
-            )
-        )
-    return rows
+    return rows + [format_row(name, preset(name)) for name in preset_names()]

@@ -103,6 +103,22 @@ def test_changed_command_is_refused_then_restarted(
     assert (out / "model.safetensors").is_file()
 
 
+def _kill_9_at_block_2(cmd: list[str], work: Path) -> None:
+    """Start ``cmd`` and ``kill -9`` it once its checkpoint says block 2 is next."""
+    state = work / "state.json"
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if state.is_file() and '"next_block": 2' in state.read_text():
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait(timeout=60)
+    if proc.returncode == 0:
+        pytest.fail("the run finished before it could be killed; the test model is too small")
+    assert proc.returncode == -signal.SIGKILL
+
+
 def test_kill_9_then_rerun_is_byte_identical(
     deep_llama: Path, tmp_path: Path, reference: dict[str, str]
 ) -> None:
@@ -115,22 +131,34 @@ def test_kill_9_then_rerun_is_byte_identical(
         "--calib-samples", "6", "--calib-seqlen", "32", "--checkpoint-interval", "0",
         "-o", str(out), "-q",
     ]  # fmt: skip
-    state = tmp_path / ".o.work" / "state.json"
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if state.is_file() and '"next_block": 2' in state.read_text():
-            os.kill(proc.pid, signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    proc.wait(timeout=60)
-    if proc.returncode == 0:
-        pytest.fail("the run finished before it could be killed; the test model is too small")
-    assert proc.returncode == -signal.SIGKILL
+    _kill_9_at_block_2(cmd, tmp_path / ".o.work")
     assert not out.exists()
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert _digests(out) == reference
+
+
+def test_kill_9_awq_gptq_then_rerun_is_byte_identical(deep_llama: Path, tmp_path: Path) -> None:
+    """The same for ``--method awq+gptq`` (AWQ's row samples are seeded per block), against
+    an uninterrupted run of the same command; the plan still records what ran."""
+    import json
+
+    def cmd(out: Path) -> list[str]:
+        return [
+            sys.executable, "-m", "ptq.cli", "quantize", str(deep_llama), "--w4a16",
+            "--method", "awq+gptq", "--calib-samples", "6", "--calib-seqlen", "32",
+            "--checkpoint-interval", "0", "-o", str(out), "-q",
+        ]  # fmt: skip
+
+    ref = subprocess.run(cmd(tmp_path / "ref"), capture_output=True, text=True, timeout=600)
+    assert ref.returncode == 0, ref.stderr
+    _kill_9_at_block_2(cmd(tmp_path / "o"), tmp_path / ".o.work")
+    assert not (tmp_path / "o").exists()
+    done = subprocess.run(cmd(tmp_path / "o"), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert _digests(tmp_path / "o") == _digests(tmp_path / "ref")
+    plan = json.loads((tmp_path / "o" / "ptq_plan.json").read_text())
+    assert {lp["method"] for lp in plan["layers"].values()} == {"awq+gptq"}
 
 
 def test_offloaded_activations_give_the_same_bytes(

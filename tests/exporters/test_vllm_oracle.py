@@ -38,6 +38,8 @@ pytestmark = pytest.mark.vllm
 SERVED = {
     "w4a16": (["--w4a16"], 0.03, 0.2),
     "w4a16_rotated": (["--w4a16", "--rotate"], 0.03, 0.2),
+    "w4a16_awq_gptq": (["--w4a16", "--method", "awq+gptq"], 0.03, 0.2),
+    "w4a16_stochastic": (["--w4a16", "--method", "rtn", "--rounding", "stochastic"], 0.03, 0.2),
     "w8a8": (["--w8a8"], 0.08, 0.5),
     "w8a8_static": (["--w8a8", "--act-format", "int8_tensor_static"], 0.12, 0.8),
     "fp8": (["--fp8"], 0.15, 1.0),
@@ -119,6 +121,28 @@ def test_vllm_serves_the_emulated_numerics(
     oracle.load(_corrupt_scales(out, tmp_path / "corrupt"), max_model_len=128)
     wrong = (torch.tensor(oracle.prompt_logprobs(ids)) - _emulated(out, ids)).abs()
     assert float(wrong.mean()) > 3 * float(d.mean()), (wrong.mean(), d.mean())
+
+
+def test_awq_output_is_plain_w4a16_to_vllm(
+    oracle: VllmOracle, model: Path, ids: list[list[int]], tmp_path: Path
+) -> None:
+    """AWQ folds its scales into the FP weights and norms: the artifact has the layout,
+    the config and the vLLM kernels of a plain W4A16 run (pack-quantized, no extra
+    tensors), only other numbers."""
+    plain = _quantize(model, tmp_path / "plain", ["--w4a16", "--method", "gptq"])
+    awq = _quantize(model, tmp_path / "awq", ["--w4a16", "--method", "awq+gptq"])
+    configs = [
+        json.loads((d / "config.json").read_text())["quantization_config"] for d in (plain, awq)
+    ]
+    assert configs[0]["format"] == configs[1]["format"] == "pack-quantized"
+    assert configs[0]["config_groups"] == configs[1]["config_groups"]
+    tensors = [load_file(str(d / "model.safetensors")) for d in (plain, awq)]
+    assert {k: v.shape for k, v in tensors[0].items()} == {
+        k: v.shape for k, v in tensors[1].items()
+    }
+    assert any(not torch.equal(tensors[0][k], tensors[1][k]) for k in tensors[0])
+    schemes = [oracle.load(d, max_model_len=128).schemes for d in (plain, awq)]
+    assert schemes[0] == schemes[1] and schemes[1], schemes
 
 
 @pytest.mark.parametrize("name", list(REFUSED))

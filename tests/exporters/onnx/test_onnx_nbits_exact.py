@@ -24,6 +24,7 @@ from ptq.qlinear import QuantLinear
 from ptq.scheme import get_scheme
 
 FULL_RANGE = QuantFormat(INT4, PerGroup(64), scale_format="fp16", scale_rule="full_range")
+AMAX = QuantFormat(INT4, PerGroup(128))
 
 
 def _nibbles(packed: np.ndarray) -> np.ndarray:
@@ -55,7 +56,8 @@ def decode_nbits(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 def test_gptq_weights_export_bit_exactly(
     tiny_llama: Path, tmp_path: Path, act_order: bool, full_range: bool
 ) -> None:
-    scheme = get_scheme("w4a16")
+    # the preset's default rule is full-range; the amax case asks for amax explicitly
+    scheme = get_scheme("w4a16").with_overrides(weight=AMAX)
     if full_range:
         scheme = scheme.with_overrides(weight=FULL_RANGE)
     model: Any = quantize(
