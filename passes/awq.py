@@ -112,7 +112,8 @@ class AWQPass(Pass):
     def prepare(self, state: QuantState, ctx: PassContext) -> None:
         if ctx.calibration is None:
             raise ValueError("awq needs calibration tokens (ctx.calibration is None)")
-        structure_of(state)  # the structural model, before any weight is loaded
+        if structure_of(state).block_path is None:  # before any weight is loaded
+            raise ValueError("awq needs a model with repeated blocks (a decoder LM)")
 
     def run_unit(self, state: QuantState, ctx: PassContext) -> None:
         unit = state.unit

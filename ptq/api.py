@@ -251,7 +251,10 @@ def _quantize_module(
     for note in plan.notes:
         log(f"note: {note}")
     passes = list(pipeline.passes if isinstance(pipeline, Pipeline) else pipeline or [])
-    passes = passes or default_pipeline().passes
+    if not passes:  # the module's own calibration batches are given: the calibrated default
+        from ptq.compose import build_passes, default_method
+
+        passes = build_passes(scheme, method=default_method(scheme, True))
     if any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
         passes.insert(0, FoldBatchNormPass())
     ctx = PassContext(seed=seed, progress=progress, device=resolve_device(device, None))
