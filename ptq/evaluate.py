@@ -2,6 +2,12 @@
 
 This is the GPTQ/AWQ protocol (REFERENCE.md section 4) with a shorter default window
 (512 tokens) and a token budget so that evaluation fits a 2-core CPU.
+
+Windows may be evaluated several at a time (``batch_size``): ``B`` consecutive windows
+are stacked into one ``[B, seqlen]`` input, so every matmul of the forward pass sees
+``B * seqlen`` rows instead of ``seqlen``. The tokens and each token's context are the
+same whatever ``B``; only the shapes of the computation change (which is what batch
+invariance, see :mod:`ptq.reproducibility`, is about).
 """
 
 from __future__ import annotations
@@ -32,11 +38,61 @@ def tokenize_eval_text(tokenizer: Any, path: Path, max_tokens: int) -> torch.Ten
 
 
 @torch.no_grad()
+def token_logprobs(
+    model: nn.Module,
+    ids: torch.Tensor,
+    *,
+    seqlen: int = 512,
+    batch_size: int = 1,
+    progress: bool = True,
+    desc: str = "eval",
+) -> torch.Tensor:
+    """Log-probability of every predicted token, window by window.
+
+    ``ids`` is cut into ``n = len(ids) // seqlen`` non-overlapping windows (the tail is
+    dropped); within window ``w`` the model predicts token ``t+1`` from tokens
+    ``0..t``. Windows are run ``batch_size`` at a time (the last batch holds the
+    remainder).
+
+    Returns:
+        float32 ``[n, seqlen - 1]``: ``log p(x_{t+1} | x_{<=t})``, computed from the
+        logits upcast to float32.
+
+    Raises:
+        PtqInputError: Fewer tokens than one window, or a batch size below 1.
+    """
+    n_windows = ids.numel() // seqlen
+    if n_windows == 0:
+        raise PtqInputError(
+            f"evaluation text has {ids.numel()} tokens, fewer than --seqlen {seqlen}"
+        )
+    if batch_size < 1:
+        raise PtqInputError(f"batch size must be at least 1, got {batch_size}")
+    windows = ids[: n_windows * seqlen].view(n_windows, seqlen)
+    out = torch.empty(n_windows, seqlen - 1, dtype=torch.float32)
+    starts = range(0, n_windows, batch_size)
+    for start in tqdm(starts, desc=desc, disable=not progress, unit="batch"):
+        batch = windows[start : start + batch_size]
+        logits = model(input_ids=batch).logits
+        for row in range(batch.shape[0]):  # one row at a time: bounds float32 logits memory
+            nll = nn.functional.cross_entropy(
+                logits[row, :-1].float(), batch[row, 1:], reduction="none"
+            )
+            out[start + row] = -nll
+    return out
+
+
+def perplexity_from_logprobs(logprobs: torch.Tensor) -> float:
+    """``exp(-mean log p)`` over every predicted token (summed in float64)."""
+    return math.exp(-float(logprobs.double().sum()) / logprobs.numel())
+
+
 def perplexity(
     model: nn.Module,
     ids: torch.Tensor,
     *,
     seqlen: int = 512,
+    batch_size: int = 1,
     progress: bool = True,
     desc: str = "eval",
 ) -> float:
@@ -45,16 +101,7 @@ def perplexity(
     Raises:
         PtqInputError: Fewer tokens than one window.
     """
-    n_windows = ids.numel() // seqlen
-    if n_windows == 0:
-        raise PtqInputError(
-            f"evaluation text has {ids.numel()} tokens, fewer than --seqlen {seqlen}"
-        )
-    total_nll, count = 0.0, 0
-    for w in tqdm(range(n_windows), desc=desc, disable=not progress, unit="win"):
-        window = ids[w * seqlen : (w + 1) * seqlen].unsqueeze(0)
-        logits = model(input_ids=window).logits.float()
-        nll = nn.functional.cross_entropy(logits[0, :-1], window[0, 1:], reduction="sum")
-        total_nll += float(nll)
-        count += seqlen - 1
-    return math.exp(total_nll / count)
+    logprobs = token_logprobs(
+        model, ids, seqlen=seqlen, batch_size=batch_size, progress=progress, desc=desc
+    )
+    return perplexity_from_logprobs(logprobs)
