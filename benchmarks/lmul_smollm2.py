@@ -12,7 +12,7 @@ The W4A16 weights come from ``ptq quantize default --w4a16 --method rtn -o PATH`
 (RTN for speed), made by this script when ``--w4a16 PATH`` does not exist yet.
 
     nice -n 5 .venv/bin/python benchmarks/lmul_smollm2.py \\
-        [--w4a16 /tmp/smollm2-w4a16-rtn] [--eval-tokens 1024] [--out ...]
+        [--w4a16 /tmp/smollm2-w4a16-rtn] [--eval-tokens 1024] [--threads 1] [--out ...]
 """
 
 from __future__ import annotations
@@ -43,8 +43,15 @@ def main() -> None:
     ap.add_argument("--w4a16", type=Path, default=Path("/tmp/smollm2-w4a16-rtn"))
     ap.add_argument("--eval-tokens", type=int, default=1024)
     ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="intra-op threads (1: the emulation's many small ops scale badly on a busy CPU)",
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/lmul_smollm2.md")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
 
     if not args.w4a16.exists():
         cmd = ["ptq", "quantize", "default", "--w4a16", "--method", "rtn", "-o", str(args.w4a16)]
@@ -90,7 +97,7 @@ def main() -> None:
         "activations stay exact. W4A16: `ptq quantize default --w4a16 --method rtn` "
         "(INT4 g64 symmetric, RTN for speed), dequantized weights stored in the dtype. "
         "`x`: L-Mul / exact.\n\n"
-        f"torch {torch.__version__}, {platform.machine()}, total {time.time() - start:.0f} s "
+        f"torch {torch.__version__}, {platform.machine()}, {args.threads} thread(s), total {time.time() - start:.0f} s "
         "on a 2-core machine shared with other jobs.\n\n" + "\n".join(lines) + "\n"
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
