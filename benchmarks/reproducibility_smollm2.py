@@ -55,7 +55,7 @@ def main() -> None:
         f"held-out Britannica tokens; each configuration evaluated at batch sizes 1, 4, 16 "
         "(windows stacked into `[B, seqlen]`: every linear layer multiplies B x seqlen rows, "
         "attention runs B sequences per call) x 1 and 2 intra-op threads "
-        "(`torch.set_num_threads` in-process). `max |dlogp|`: largest difference of one "
+        "(`torch.set_num_threads` in-process). `max abs dlogp`: largest difference of one "
         "token's log-probability between any two of the 6 settings; `across batch sizes` / "
         "`across threads`: the same with only that factor varying; `tokens changed`: share "
         "of tokens whose log-probability is not bit-identical in all settings; `ppl spread`: "

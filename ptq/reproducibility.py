@@ -167,7 +167,7 @@ def run_reproducibility(
 def format_table(rows: Sequence[ReproRow]) -> str:
     """A Markdown table: one row per configuration."""
     header = (
-        "| dtype | LayerCast | max |dlogp| all settings | across batch sizes | "
+        "| dtype | LayerCast | max abs dlogp, all settings | across batch sizes | "
         "across threads | tokens changed | ppl (B=1, 1 thread) | ppl spread |"
     )
     lines = [header, "|" + "---|" * 8]
