@@ -545,37 +545,63 @@ def _calibration_available(calib: Path | None) -> bool:
     default=None,
     help="Held-out text (default: 1911 Britannica prose).",
 )
-@click.option("--eval-tokens", type=int, default=4096, show_default=True)
-@click.option("--seqlen", type=int, default=512, show_default=True)
+@click.option(
+    "--eval-tokens",
+    type=int,
+    default=None,
+    help="Tokens of the text to use [default: 4096; 2048 with --reproducibility].",
+)
+@click.option(
+    "--seqlen",
+    type=int,
+    default=None,
+    help="Window length [default: 512; 128 with --reproducibility].",
+)
+@click.option(
+    "--dtype",
+    "dtype_name",
+    type=click.Choice(["fp32", "bf16", "fp16"]),
+    default=None,
+    help="Store the weights and run the model in this dtype [default: fp32].",
+)
+@click.option(
+    "--layercast",
+    is_flag=True,
+    help="LayerCast: weights stored in --dtype, every computation in fp32.",
+)
+@click.option(
+    "--lmul",
+    is_flag=True,
+    help="Also evaluate with L-Mul products in every linear layer (needs --dtype bf16|fp16).",
+)
+@click.option(
+    "--batch-size",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Windows per forward pass.",
+)
+@click.option(
+    "--reproducibility",
+    is_flag=True,
+    help="Run fp32/bf16/fp16 (with and without LayerCast) at batch sizes 1, 4, 16 and "
+    "1 and 2 threads; report log-probability and perplexity differences.",
+)
 @click.option("--trust-remote-code", is_flag=True)
 @click.option("-q", "--quiet", is_flag=True)
 @_friendly
-def eval_cmd(
-    model: str,
-    text: Path | None,
-    eval_tokens: int,
-    seqlen: int,
-    trust_remote_code: bool,
-    quiet: bool,
-) -> None:
-    """Perplexity of MODEL (FP or a ptq output) on held-out text."""
-    from ptq.errors import PtqInputError
-    from ptq.evaluate import perplexity, tokenize_eval_text
-    from ptq.models.paths import default_eval_file
-    from ptq.models.quantized_loader import load_quantized_model
-    from ptq.models.source import load_fp_model, resolve_model
+def eval_cmd(**options: Any) -> None:
+    """Perplexity of MODEL (FP or a ptq output) on held-out text.
 
-    _quiet_libraries(quiet)
-    source = resolve_model(model, quiet=quiet)
-    if source.is_quantized:
-        net, tokenizer = load_quantized_model(source.path, trust_remote_code=trust_remote_code)
-    else:
-        net, tokenizer = load_fp_model(source, trust_remote_code=trust_remote_code)
-    if tokenizer is None:
-        raise PtqInputError(f"{source.path} has no tokenizer files")
-    ids = tokenize_eval_text(tokenizer, text or default_eval_file(), eval_tokens)
-    ppl = perplexity(net, ids, seqlen=seqlen, progress=not quiet)
-    click.echo(f"perplexity: {ppl:.4f} ({ids.numel()} tokens, seqlen {seqlen})")
+    With --dtype bf16|fp16 the weights are stored and the model runs in that dtype;
+    --layercast computes in fp32 from the 16-bit weights; --lmul also evaluates with
+    L-Mul products in every linear layer; --reproducibility reports how batch size and
+    thread count change the result (docs/eval_precision.md).
+    """
+    from ptq.eval_cli import run_eval
+
+    _quiet_libraries(options["quiet"])
+    run_eval(**options)
 
 
 @main.command()

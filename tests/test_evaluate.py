@@ -1,4 +1,6 @@
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -37,3 +39,23 @@ def test_windows_do_not_overlap_and_tail_is_dropped() -> None:
     ids = torch.arange(250)
     perplexity(Spy(300), ids, seqlen=100, progress=False)
     assert [c[0, 0].item() for c in calls] == [0, 100]
+
+
+def test_batch_size_stacks_windows_and_keeps_every_token(
+    tiny_lm: Callable[..., Any],
+) -> None:
+    from ptq.evaluate import perplexity_from_logprobs, token_logprobs
+
+    shapes: list[tuple[int, ...]] = []
+    model = tiny_lm()
+    model.register_forward_pre_hook(
+        lambda _m, _a, kw: shapes.append(tuple(kw["input_ids"].shape)), with_kwargs=True
+    )
+    ids = torch.randint(0, 320, (7 * 20 + 5,), generator=torch.Generator().manual_seed(0))
+    one = token_logprobs(model, ids, seqlen=20, batch_size=1, progress=False)
+    three = token_logprobs(model, ids, seqlen=20, batch_size=3, progress=False)
+    assert shapes == [(1, 20)] * 7 + [(3, 20), (3, 20), (1, 20)]
+    assert one.shape == three.shape == (7, 19)
+    assert torch.allclose(one, three, atol=1e-5)
+    ppl = perplexity(model, ids, seqlen=20, batch_size=3, progress=False)
+    assert math.isclose(ppl, perplexity_from_logprobs(three), rel_tol=1e-6)
