@@ -131,3 +131,23 @@ def test_method_names_and_option_routing() -> None:
     awq, gptq = make_method_passes("awq+gptq", grid=5, percdamp=0.1)
     assert isinstance(awq, AWQPass) and awq.config.grid == 5
     assert isinstance(gptq, GPTQPass) and gptq.config.percdamp == 0.1
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_moe_blocks_are_scaled_through_the_router_and_every_expert(arch: str) -> None:
+    """A MoE group (norm -> router + every expert's gate/up) inspects the MoE block and
+    takes ``s_X`` from the reader that saw every token (the router); the FP model's output
+    is unchanged by the folded scales."""
+    from tiny_archs import tiny_model
+
+    model = tiny_model(arch)
+    ids = _tokens(1, 4)
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    int4_g16 = Scheme(name="int4", weight=parse_format("int4_g16"), group_size_is_ceiling=False)
+    ctx = _run(model, [AWQPass(AWQConfig(clip=False))], scheme=int4_g16)
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    alphas = ctx.records["awq"]["alpha"]
+    assert {f"model.layers.{i}.post_attention_layernorm" for i in (0, 1)} <= alphas.keys()
