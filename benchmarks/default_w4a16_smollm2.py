@@ -11,10 +11,13 @@ measured here, reloaded from disk, on ``--eval-tokens`` held-out Britannica toke
 512-token windows (:func:`ptq.evaluate.perplexity`). Wall time is the whole command as a
 user runs it (load, calibrate, quantize, write), each a subprocess with ``--threads``
 (default 2) torch threads: ``OMP_NUM_THREADS`` for ``ptq``, ``--threads`` for the peer.
+With ``--concurrent`` every selected command starts at once, so ours and the peer's
+wall times are taken under the same load (on a shared machine the only fair pairing).
 
 Usage::
 
-    .venv/bin/python benchmarks/default_w4a16_smollm2.py [--peer PYTHON] [--only SUBSTR]
+    .venv/bin/python benchmarks/default_w4a16_smollm2.py [--peer PYTHON] [--only SUBSTR] \
+        [--concurrent]
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,9 +45,9 @@ from ptq.models.source import load_fp_model, resolve_model
 ROOT = Path(__file__).resolve().parent
 PTQ = Path(sys.executable).parent / "ptq"
 OURS = {
-    "ptq quantize default --w4a16 (defaults: GPTQ, full-range)": [],
+    "ptq quantize default --w4a16 (defaults: AWQ+GPTQ, full-range)": [],
+    "ptq quantize default --w4a16 --method gptq": ["--method", "gptq"],
     "ptq quantize default --w4a16 --method rtn": ["--method", "rtn"],
-    "ptq quantize default --w4a16 --method awq+gptq": ["--method", "awq+gptq"],
 }
 PEERS = {
     "llm-compressor W4A16 example (group 128)": "w4a16_example",
@@ -51,11 +55,37 @@ PEERS = {
 }
 
 
-def timed(cmd: list[str], threads: int) -> tuple[float, subprocess.CompletedProcess[str]]:
+@dataclass
+class Job:
+    """One quantization command of the table and, once it ran, its result."""
+
+    label: str
+    cmd: list[str]
+    out: Path
+    peer: bool
+    seconds: float = 0.0
+    returncode: int = 0
+    stderr: str = ""
+
+
+def run_jobs(jobs: list[Job], threads: int, concurrent: bool) -> None:
+    """Run every job's command (all at once with ``concurrent``), timing each from its own
+    start to its exit (polled once a second); stderr is kept in ``OUT.log`` beside it."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
-    return time.perf_counter() - start, proc
+    for batch in [jobs] if concurrent else [[j] for j in jobs]:
+        running = {}
+        for job in batch:
+            with job.out.with_suffix(".log").open("w") as log:
+                proc = subprocess.Popen(job.cmd, stdout=subprocess.DEVNULL, stderr=log, env=env)
+            running[id(job)] = (job, proc, time.perf_counter())
+        while running:
+            time.sleep(1.0)
+            for key, (job, proc, start) in list(running.items()):
+                if proc.poll() is not None:
+                    job.seconds = time.perf_counter() - start
+                    job.returncode = proc.returncode
+                    job.stderr = job.out.with_suffix(".log").read_text()
+                    del running[key]
 
 
 def write(rows: list[dict[str, object]], fp_ppl: float, header: str, out: Path) -> None:
@@ -87,6 +117,7 @@ def main() -> None:
     ap.add_argument("--peer", default="/work/peers/llmc/bin/python")
     ap.add_argument("--only", default="")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--concurrent", action="store_true", help="start every command at once")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "default_w4a16_smollm2.md")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -104,40 +135,48 @@ def main() -> None:
         f"time: the whole command (load, calibrate, quantize, write; {a.threads} threads) on a shared "
         "2-core CPU whose load varied (other jobs ran alongside)."
     )
-    rows: list[dict[str, object]] = []
-    for label, flags in OURS.items():
-        if not selected(a.only, label):
-            continue
-        out = tmp / f"ptq_{len(rows)}"
-        cmd = [str(PTQ), "quantize", "default", "--w4a16", *flags, "-o", str(out), "-q"]
-        secs, proc = timed(cmd, a.threads)
-        if proc.returncode != 0:
-            print(proc.stderr[-3000:], flush=True)
-            rows.append({"run": label, "ppl": float("nan"), "seconds": secs, "note": "failed"})
-        else:
-            model, _ = load_quantized_model(out)
-            ppl = perplexity(model.float().eval(), eval_ids, seqlen=512, progress=False)
-            plan = json.loads((out / "ptq_plan.json").read_text())
-            methods = sorted({lp["method"] for lp in plan["layers"].values()})
-            rows.append({"run": label, "ppl": ppl, "seconds": secs, "note": f"method {methods}"})
-        write(rows, fp_ppl, header, a.out)
+    jobs = [
+        Job(
+            label,
+            [str(PTQ), "quantize", "default", "--w4a16", *flags, "-q"],
+            tmp / f"ptq_{i}",
+            False,
+        )
+        for i, (label, flags) in enumerate(OURS.items())
+        if selected(a.only, label)
+    ]
     for label, scheme in PEERS.items():
-        if not selected(a.only, label):
-            continue
-        out = tmp / f"llmc_{scheme}"
-        cmd = [a.peer, str(ROOT / "peers" / "llmc_quantize.py"), "--model", str(source.path)]
-        cmd += ["--calib", str(tmp / "calib.pt"), "--scheme", scheme, "--method", "gptq"]
-        secs, proc = timed([*cmd, "--out", str(out), "--threads", str(a.threads)], a.threads)
-        if proc.returncode != 0:
-            refused = [ln for ln in proc.stderr.splitlines() if "group_size" in ln]
-            note = f"refused: {len(refused)} layers, e.g. `{refused[0].strip()}`" if refused else ""
-            print(proc.stderr[-3000:], flush=True)
-            rows.append(
-                {"run": label, "ppl": float("nan"), "seconds": secs, "note": note or "failed"}
+        if selected(a.only, label):
+            cmd = [a.peer, str(ROOT / "peers" / "llmc_quantize.py"), "--model", str(source.path)]
+            cmd += ["--calib", str(tmp / "calib.pt"), "--scheme", scheme, "--method", "gptq"]
+            jobs.append(
+                Job(label, [*cmd, "--threads", str(a.threads)], tmp / f"llmc_{scheme}", True)
             )
+    for job in jobs:
+        job.cmd += ["-o" if not job.peer else "--out", str(job.out)]
+    if a.concurrent:
+        header += f" The {len(jobs)} commands ran concurrently (same load for each)."
+    run_jobs(jobs, a.threads, a.concurrent)
+    rows: list[dict[str, object]] = []
+    for job in jobs:
+        row: dict[str, object] = {"run": job.label, "ppl": float("nan"), "seconds": job.seconds}
+        if job.returncode != 0:
+            print(job.stderr[-3000:], flush=True)
+            refused = [ln for ln in job.stderr.splitlines() if "group_size" in ln]
+            row["note"] = (
+                f"refused: {len(refused)} layers, e.g. `{refused[0].strip()}`"
+                if refused
+                else "failed"
+            )
+        elif job.peer:
+            row["ppl"] = perplexity(load_peer_output(job.out), eval_ids, seqlen=512, progress=False)
+            row["note"] = "GPTQModifier"
         else:
-            ppl = perplexity(load_peer_output(out), eval_ids, seqlen=512, progress=False)
-            rows.append({"run": label, "ppl": ppl, "seconds": secs, "note": "GPTQModifier"})
+            model, _ = load_quantized_model(job.out)
+            row["ppl"] = perplexity(model.float().eval(), eval_ids, seqlen=512, progress=False)
+            plan = json.loads((job.out / "ptq_plan.json").read_text())
+            row["note"] = f"method {sorted({lp['method'] for lp in plan['layers'].values()})}"
+        rows.append(row)
         write(rows, fp_ppl, header, a.out)
 
 

@@ -139,7 +139,7 @@ def quantize(
         scheme: A :class:`~ptq.scheme.Scheme` or a preset name (``w4a8`` ...).
         output: Folder for the compressed-tensors checkpoint (written atomically). Given,
             the model is read block by block and never loaded whole.
-        pipeline: Passes to run (default: :func:`default_pipeline`, GPTQ for weights
+        pipeline: Passes to run (default: :func:`default_pipeline`, AWQ + GPTQ for weights
             of 4 bits or fewer, else round-to-nearest).
         calibration: Calibration data settings (used when a pass needs data).
         evaluate: FP and quantized perplexity on held-out text (in the same block-wise
@@ -254,7 +254,7 @@ def _quantize_module(
     if not passes:  # the module's own calibration batches are given: the calibrated default
         from ptq.compose import build_passes, default_method
 
-        passes = build_passes(scheme, method=default_method(scheme, True))
+        passes = build_passes(scheme, method=default_method(scheme, True, repeated_blocks=False))
     if any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
         passes.insert(0, FoldBatchNormPass())
     ctx = PassContext(seed=seed, progress=progress, device=resolve_device(device, None))

@@ -182,8 +182,8 @@ def main() -> None:
     default=None,
     help="Weight method: rtn, gptq, adaround, adaquant, zeroquant_fp, each optionally after "
     "awq+ (awq+gptq: AWQ scales and clipping, then GPTQ rounding; awq alone: awq+rtn). "
-    "Default: gptq for weights of 4 bits or fewer when calibration text is available "
-    "(the best measured), rtn otherwise.",
+    "Default: awq+gptq for weights of 4 bits or fewer when calibration text is available "
+    "(the best measured; gptq for a model without repeated blocks), rtn otherwise.",
 )
 @click.option(
     "--rounding",

@@ -7,8 +7,9 @@ weights and sets each layer's format, AWQ scales and clips for those formats, th
 pass quantizes, calibration of static scales follows.
 
 The default method (:func:`default_method`) is the best one measured for the scheme:
-GPTQ for weights of 4 bits or fewer when calibration text is available (SmolLM2 INT4
-g64: docs/rounding.md), round-to-nearest otherwise.
+AWQ + GPTQ for weights of 4 bits or fewer when calibration text is available (SmolLM2
+INT4 g64: docs/rounding.md), GPTQ alone for a model without repeated blocks (AWQ's
+producer -> readers groups are a block's), round-to-nearest otherwise.
 """
 
 from __future__ import annotations
@@ -26,13 +27,18 @@ if TYPE_CHECKING:
 
 
 LOW_BITS = 4
-BEST_LOW_BIT_METHOD = "gptq"
+BEST_LOW_BIT_METHOD = "awq+gptq"
+BLOCKLESS_LOW_BIT_METHOD = "gptq"
 
 
-def default_method(scheme: Scheme, calibration: bool) -> str:
+def default_method(scheme: Scheme, calibration: bool, *, repeated_blocks: bool = True) -> str:
     """``--method`` when none is given: :data:`BEST_LOW_BIT_METHOD` for weights of
-    :data:`LOW_BITS` bits or fewer if calibration text is available, else ``rtn``."""
-    return BEST_LOW_BIT_METHOD if calibration and scheme.weight.bits <= LOW_BITS else "rtn"
+    :data:`LOW_BITS` bits or fewer if calibration text is available
+    (:data:`BLOCKLESS_LOW_BIT_METHOD` for a model without repeated blocks, such as a CNN),
+    else ``rtn``."""
+    if not calibration or scheme.weight.bits > LOW_BITS:
+        return "rtn"
+    return BEST_LOW_BIT_METHOD if repeated_blocks else BLOCKLESS_LOW_BIT_METHOD
 
 
 def build_passes(

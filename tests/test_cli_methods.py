@@ -39,11 +39,11 @@ def test_awq_gptq_keeps_the_layout_and_records_what_ran(
     assert r.exit_code == 0, r.output  # type: ignore[attr-defined]
 
 
-def test_defaults_gptq_full_range_for_4_bits_rtn_for_8(
+def test_defaults_awq_gptq_full_range_for_4_bits_rtn_for_8(
     run_cli: Run, tiny_llama: Path, tmp_path: Path
 ) -> None:
     w4 = _quantize(run_cli, tiny_llama, tmp_path / "w4", "--w4a16")
-    assert {lp["method"] for lp in w4["layers"].values()} == {"gptq"}
+    assert {lp["method"] for lp in w4["layers"].values()} == {"awq+gptq"}
     assert {lp["weight"]["scale_rule"] for lp in w4["layers"].values()} == {"full_range"}
     w8 = _quantize(run_cli, tiny_llama, tmp_path / "w8", "--w8a16")
     assert {lp["method"] for lp in w8["layers"].values()} == {"rtn"}
