@@ -56,13 +56,15 @@ def row(
     inputs: DiffusionInputs,
     seed: int,
     buckets: int,
+    knobs: dict[str, dict[str, int]],
 ) -> tuple[list[BucketError], float, float]:
     """Per-bucket errors, end-to-end x0 SQNR and quantization seconds of one row."""
     scheme = Scheme(name=fmt, weight=parse_format(fmt), ignore=("conv_in",))
     start = time.perf_counter()
     result = ptq.quantize(
         copy.deepcopy(fp), scheme, calibration=cal,
-        pipeline=build_passes(scheme, method=method), progress=False, log=lambda *_: None,
+        pipeline=build_passes(scheme, method=method, knobs=knobs.get(method)), progress=False,
+        log=lambda *_: None,
     )  # fmt: skip
     secs = time.perf_counter() - start
     assert result.model is not None
@@ -74,10 +76,11 @@ def row(
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--cal-trajectories", type=int, default=8)
-    ap.add_argument("--cal-steps", type=int, default=10)
-    ap.add_argument("--eval-trajectories", type=int, default=4)
-    ap.add_argument("--eval-steps", type=int, default=20)
+    ap.add_argument("--cal-trajectories", type=int, default=4)
+    ap.add_argument("--cal-steps", type=int, default=8)
+    ap.add_argument("--eval-trajectories", type=int, default=2)
+    ap.add_argument("--eval-steps", type=int, default=16)
+    ap.add_argument("--adaround-iterations", type=int, default=200)
     ap.add_argument("--buckets", type=int, default=4)
     ap.add_argument("--only", default="")
     ap.add_argument("--threads", type=int, default=1)
@@ -90,6 +93,7 @@ def main() -> None:
     eval_inputs = DiffusionInputs(steps=a.eval_steps)
     cal = cal_inputs.record(fp, n=a.cal_trajectories, seed=0).calibration_batches()
     held_out = eval_inputs.record(fp, n=a.eval_trajectories, seed=1)
+    knobs = {"adaround": {"iterations": a.adaround_iterations}}
     labels: list[str] = []
     lines: list[str] = []
     rtn_mean: dict[str, float] = {}
@@ -97,7 +101,7 @@ def main() -> None:
         for method, key in METHODS.items():
             if a.only and a.only not in f"{fmt} {key}":
                 continue
-            errs, x0, secs = row(fp, fmt, key, cal, held_out, eval_inputs, 1, a.buckets)
+            errs, x0, secs = row(fp, fmt, key, cal, held_out, eval_inputs, 1, a.buckets, knobs)
             mean = sum(e.sqnr_db for e in errs) / len(errs)
             rtn_mean.setdefault(fmt, mean) if key == "rtn" else None
             gain = f"{mean - rtn_mean[fmt]:+.2f}" if fmt in rtn_mean else "-"
@@ -119,7 +123,8 @@ def main() -> None:
         "`conv_in` kept in FP). Calibration: "
         f"{a.cal_trajectories} DDIM trajectories x {a.cal_steps} steps (seed 0), "
         f"timestep-mixed batches. Evaluation: {a.eval_trajectories} other trajectories x "
-        f"{a.eval_steps} steps (seed 1), FP inputs at every step. Cells: SQNR in dB "
+        f"{a.eval_steps} steps (seed 1), FP inputs at every step. AdaRound: "
+        f"{a.adaround_iterations} iterations per layer. Cells: SQNR in dB "
         "(mean relative error ||y - y_q|| / ||y||) per timestep bucket; x0 SQNR: final "
         "latent of the quantized model's own trajectory vs FP's; vs RTN: mean bucket "
         "SQNR gain over RTN of the same format; quant. seconds: the whole "

@@ -16,7 +16,7 @@ import click
 
 from ptq.devices import DEVICE_HELP, DTYPE_HELP
 from ptq.errors import PtqError, PtqUsageError
-from ptq.module_cli import image_options
+from ptq.module_cli import diffusion_options, image_options
 
 SCHEME_FLAGS = ("w4a16", "w4a8", "w8a8", "fp8", "w8a16")
 SCALE_RULE_NAMES = ("amax", "span", "full-range", "mx", "mx-round-up")
@@ -345,6 +345,7 @@ def main() -> None:
     "image model].",
 )
 @image_options
+@diffusion_options
 @_budget_options
 @_friendly
 def quantize(
@@ -386,6 +387,9 @@ def quantize(
     image_size: int | None,
     image_mean: str | None,
     image_std: str | None,
+    diffusion_steps: int | None,
+    diffusion_trajectories: int | None,
+    diffusion_scheduler: str | None,
     budget: str | None,
     budget_latency: str | None,
     kernel_efficiency: str | None,
@@ -396,8 +400,10 @@ def quantize(
     """Quantize MODEL into OUTPUT.
 
     MODEL: 'default' (SmolLM2-135M), a Hugging Face folder, a .gguf file, a built-in
-    image model (efficientnet-lite0), or FILE.py:FUNCTION / package.module:FUNCTION, a
-    function returning a torch nn.Module (runs your code: needs --trust-remote-code).
+    image model (efficientnet-lite0) or diffusion UNet (unet-small), or
+    FILE.py:FUNCTION / package.module:FUNCTION, a function returning a torch nn.Module
+    (runs your code: needs --trust-remote-code; add a --diffusion-* option for a
+    diffusers UNet).
     """
     from ptq.api import CalibrationConfig, EvalConfig
     from ptq.api import quantize as run
@@ -414,6 +420,9 @@ def quantize(
             "image_size": image_size,
             "image_mean": image_mean,
             "image_std": image_std,
+            "diffusion_steps": diffusion_steps,
+            "diffusion_trajectories": diffusion_trajectories,
+            "diffusion_scheduler": diffusion_scheduler,
         },
     )
     target = target or ("ptq" if module is not None else "vllm")
@@ -657,7 +666,8 @@ def _calibration_available(calib: Path | None) -> bool:
     "--samples",
     type=int,
     default=None,
-    help="Image models: crops to evaluate on [default: 100].",
+    help="Image models: crops to evaluate on [default: 100]; diffusion models: held-out "
+    "trajectories [default: 4].",
 )
 @click.option("--trust-remote-code", is_flag=True)
 @click.option("-q", "--quiet", is_flag=True)

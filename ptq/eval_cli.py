@@ -165,17 +165,24 @@ def run_eval(
 
 def is_module_output(model: str) -> bool:
     """Whether ``model`` is an output folder of a model built by code (``ptq_module``)."""
+    return module_output_kind(model) is not None
+
+
+def module_output_kind(model: str) -> str | None:
+    """The input kind (``image``, ``diffusion``) recorded in an output folder of a model
+    built by code (``ptq_module``), or None for anything else."""
     import json
 
     from ptq.module_quantize import MODULE_KEY
 
     config = Path(model) / "config.json"
     if not config.is_file():
-        return False
+        return None
     try:
-        return MODULE_KEY in json.loads(config.read_text(encoding="utf-8"))
-    except (OSError, ValueError, TypeError):
-        return False
+        record = json.loads(config.read_text(encoding="utf-8"))[MODULE_KEY]
+        return str(record["inputs"]["kind"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
 
 
 def _image_eval(
@@ -185,22 +192,33 @@ def _image_eval(
     trust_remote_code: bool,
     text_options: dict[str, bool],
 ) -> None:
-    """``ptq eval OUT`` of an image model (:mod:`ptq.image_eval`)."""
+    """``ptq eval OUT`` of an image model (:mod:`ptq.image_eval`), or of a diffusion
+    denoiser (:mod:`ptq.diffusion_eval`: ``--samples`` held-out trajectories, no images)."""
+    from ptq.diffusion_eval import evaluate_diffusion_output
     from ptq.image_eval import evaluate_image_output
 
+    diffusion = module_output_kind(model) == "diffusion"
+    if diffusion:
+        text_options = {**text_options, "--images": images is not None}
     given = [flag for flag, on in text_options.items() if on]
     if given:
+        kind, use = (
+            ("a diffusion", "--samples") if diffusion else ("an image", "--images and --samples")
+        )
         raise PtqUsageError(
-            f"{model} is an image model's output: {', '.join(given)} apply to language "
-            "models; use --images and --samples"
+            f"{model} is {kind} model's output: {', '.join(given)} apply to language "
+            f"models; use {use}"
         )
     if samples is not None and samples < 1:
         raise PtqUsageError(f"--samples must be at least 1, got {samples}")
-    result = evaluate_image_output(
-        Path(model),
-        images=images,
-        samples=100 if samples is None else samples,
-        trust_remote_code=trust_remote_code,
+    result = (
+        evaluate_diffusion_output(
+            Path(model), trajectories=samples or 4, trust_remote_code=trust_remote_code
+        )
+        if diffusion
+        else evaluate_image_output(
+            Path(model), images=images, samples=samples or 100, trust_remote_code=trust_remote_code
+        )
     )
     for line in result.lines():
         click.echo(line)

@@ -17,13 +17,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ptq.errors import PtqInputError
 
-__all__ = ["ImageEval", "compare_outputs", "evaluate_image_output"]
+if TYPE_CHECKING:
+    from ptq.models.module_loader import LoadedModule
+
+__all__ = ["ImageEval", "compare_outputs", "evaluate_image_output", "fp_model"]
 
 EVAL_SEED = 1
 BATCH = 25
@@ -69,6 +73,23 @@ def compare_outputs(fp: torch.Tensor, quant: torch.Tensor) -> tuple[float, float
     return agree, float(rel.mean())
 
 
+def fp_model(loaded: LoadedModule, path: Path, trust_remote_code: bool) -> nn.Module:
+    """The FP model of output ``path``, built again; its weights must hash to those quantized.
+
+    Raises:
+        PtqInputError: The factory now builds other weights.
+    """
+    from ptq.models.module_source import weights_digest
+
+    fp = loaded.source.build(trust_remote_code=trust_remote_code)
+    if weights_digest(fp) != loaded.record.get("weights_sha256"):
+        raise PtqInputError(
+            f"{loaded.source.spec} now builds other weights than those quantized into {path}; "
+            "a factory must return the same weights on every call"
+        )
+    return fp
+
+
 def evaluate_image_output(
     path: Path,
     *,
@@ -90,9 +111,8 @@ def evaluate_image_output(
         PtqInputError: An evaluation image was a calibration image, the factory's
             weights changed, or the output is not an image model's.
     """
-    from ptq.models.image_inputs import default_eval_images, file_digest, image_files
+    from ptq.models.image_inputs import ImageInputs, default_eval_images, file_digest, image_files
     from ptq.models.module_loader import load_quantized_module
-    from ptq.models.module_source import weights_digest
 
     loaded = load_quantized_module(path, trust_remote_code=trust_remote_code)
     files = image_files(images) if images is not None else default_eval_images()
@@ -102,13 +122,10 @@ def evaluate_image_output(
             raise PtqInputError(
                 f"{f} is a calibration image of {path}; evaluate on held-out images"
             )
-    fp = loaded.source.build(trust_remote_code=trust_remote_code)
-    if weights_digest(fp) != loaded.record.get("weights_sha256"):
-        raise PtqInputError(
-            f"{loaded.source.spec} now builds other weights than those quantized into {path}; "
-            "a factory must return the same weights on every call"
-        )
+    fp = fp_model(loaded, path, trust_remote_code)
     inputs = loaded.source.inputs
+    if not isinstance(inputs, ImageInputs):
+        raise PtqInputError(f"{path} is the output of a {inputs.kind} model, not an image model")
     if inputs.input_name is None:
         raise PtqInputError(f"{path / 'config.json'}: ptq_module inputs have no input_name")
     x = inputs.samples(files, samples, seed)

@@ -197,18 +197,20 @@ class DiffusionInputs:
         scheduler: ``ddim`` (deterministic, ``eta = 0``) or ``ddpm`` (ancestral noise,
             seeded).
         text_tokens: Length ``L`` of the random encoder states of a conditional model.
+        trajectories: How many latents ``ptq quantize`` calibrates on (:meth:`batches`).
     """
 
     kind: str = field(default="diffusion", init=False)
     steps: int = 10
     scheduler: str = "ddim"
     text_tokens: int = 8
+    trajectories: int = 8
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.text_tokens < 1:
+        if min(self.steps, self.text_tokens, self.trajectories) < 1:
             raise PtqInputError(
-                f"diffusion steps and text tokens must be at least 1, got {self.steps}, "
-                f"{self.text_tokens}"
+                f"diffusion steps, text tokens and trajectories must be at least 1, got "
+                f"{self.steps}, {self.text_tokens}, {self.trajectories}"
             )
         if self.scheduler not in SCHEDULERS:
             raise PtqInputError(
@@ -221,6 +223,7 @@ class DiffusionInputs:
             "steps": self.steps,
             "scheduler": self.scheduler,
             "text_tokens": self.text_tokens,
+            "trajectories": self.trajectories,
         }
 
     @classmethod
@@ -229,7 +232,23 @@ class DiffusionInputs:
             steps=int(data["steps"]),
             scheduler=str(data["scheduler"]),
             text_tokens=int(data["text_tokens"]),
+            trajectories=int(data["trajectories"]),
         )
+
+    def bound_to(self, model: nn.Module) -> DiffusionInputs:
+        """These inputs, checked against ``model`` (the interface of
+        :meth:`ptq.models.image_inputs.ImageInputs.bound_to`).
+
+        Raises:
+            PtqInputError: ``model`` is not a diffusers-style denoiser.
+        """
+        _latent_spec(model)
+        return self
+
+    def batches(self, model: nn.Module, seed: int) -> list[dict[str, torch.Tensor]]:
+        """Calibration batches: :meth:`record` of ``trajectories`` latents (``seed``), as
+        :meth:`Trajectories.calibration_batches`."""
+        return self.record(model, n=self.trajectories, seed=seed).calibration_batches()
 
     def make_scheduler(self) -> Any:
         """The diffusers scheduler (Stable Diffusion's schedule), set to ``steps`` steps."""

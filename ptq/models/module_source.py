@@ -10,7 +10,9 @@
   no arguments that returns the ``nn.Module`` (with its weights: it must return the same
   weights on every call). It runs the user's code, so it needs ``--trust-remote-code``.
 
-A :class:`ModuleSource` names the model and its inputs (:class:`ImageInputs`); the output
+A :class:`ModuleSource` names the model and its inputs (:class:`ImageInputs`, or for a
+diffusion denoiser :class:`~ptq.models.diffusion.DiffusionInputs`: ``unet-small`` is the
+built-in one, a random-init diffusers UNet); the output
 records both (``config.json``'s ``ptq_module``), so ``ptq eval OUT`` and
 :func:`ptq.models.quantized_loader.load_quantized_model` rebuild the same module.
 """
@@ -30,11 +32,13 @@ import torch
 from torch import nn
 
 from ptq.errors import PtqInputError, PtqUsageError
+from ptq.models.diffusion import DiffusionInputs, small_unet
 from ptq.models.image_inputs import ImageInputs
 
 __all__ = [
     "BUILTIN_MODULES",
     "BuiltinModule",
+    "ModuleInputs",
     "ModuleSource",
     "inputs_from_dict",
     "resolve_module_source",
@@ -43,6 +47,8 @@ __all__ = [
 
 _DOTTED: Final = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 TRUST_HINT: Final = "pass --trust-remote-code (trust_remote_code=True) to allow it"
+ModuleInputs = ImageInputs | DiffusionInputs
+"""What a model built by code takes: images, or a denoiser's sampling-trajectory inputs."""
 
 
 def _efficientnet_lite0() -> nn.Module:
@@ -66,7 +72,7 @@ class BuiltinModule:
     """A model ptq knows by name."""
 
     build: Callable[[], nn.Module]
-    inputs: ImageInputs
+    inputs: ModuleInputs
     summary: str
 
 
@@ -76,10 +82,16 @@ BUILTIN_MODULES: Final[Mapping[str, BuiltinModule]] = {
         inputs=ImageInputs(size=224, mean=(127.0,) * 3, std=(128.0,) * 3, input_name="inputs"),
         summary="EfficientNet-Lite0, ImageNet weights; inputs (pixels - 127) / 128, 224x224",
     ),
+    "unet-small": BuiltinModule(
+        build=small_unet,
+        inputs=DiffusionInputs(),
+        summary="a random-init diffusers UNet2DConditionModel (seed 0), 32x32x4 latents; "
+        "calibrated on DDIM trajectories of random latents",
+    ),
 }
 
 
-def inputs_from_dict(data: Mapping[str, Any]) -> ImageInputs:
+def inputs_from_dict(data: Mapping[str, Any]) -> ModuleInputs:
     """The input spec recorded in an output (dispatch on ``kind``).
 
     Raises:
@@ -88,7 +100,9 @@ def inputs_from_dict(data: Mapping[str, Any]) -> ImageInputs:
     kind = data.get("kind")
     if kind == "image":
         return ImageInputs.from_dict(data)
-    raise PtqInputError(f"unknown model input kind {kind!r} (known: image)")
+    if kind == "diffusion":
+        return DiffusionInputs.from_dict(data)
+    raise PtqInputError(f"unknown model input kind {kind!r} (known: image, diffusion)")
 
 
 @dataclass(frozen=True)
@@ -101,7 +115,7 @@ class ModuleSource:
     """
 
     spec: str
-    inputs: ImageInputs = field(default_factory=ImageInputs)
+    inputs: ModuleInputs = field(default_factory=ImageInputs)
 
     @property
     def builtin(self) -> bool:
@@ -155,7 +169,7 @@ def _split_factory(spec: str) -> tuple[str, str] | None:
 
 
 def resolve_module_source(
-    spec: str | Path, *, trust_remote_code: bool, inputs: ImageInputs | None = None
+    spec: str | Path, *, trust_remote_code: bool, inputs: ModuleInputs | None = None
 ) -> ModuleSource | None:
     """The :class:`ModuleSource` that ``spec`` names, or None for a folder / ``.gguf`` /
     ``default`` (:func:`ptq.models.source.resolve_model`'s job).
@@ -163,21 +177,26 @@ def resolve_module_source(
     Args:
         spec: The ``MODEL`` argument.
         trust_remote_code: Allow a factory's code to run.
-        inputs: The image inputs of a factory's model (default :class:`ImageInputs`:
-            224x224, ImageNet mean and std); a built-in has its own.
+        inputs: The inputs of a factory's model (default :class:`ImageInputs`: 224x224,
+            ImageNet mean and std; :class:`DiffusionInputs` for a diffusion denoiser); a
+            built-in has its own, of which a diffusion model's sampling settings (steps,
+            trajectories, scheduler) may be replaced.
 
     Raises:
-        PtqUsageError: A factory without ``trust_remote_code``, or ``inputs`` for a built-in.
+        PtqUsageError: A factory without ``trust_remote_code``, or ``inputs`` for a
+            built-in that cannot take them.
         PtqInputError: The factory's file is missing.
     """
     text = str(spec)
     if text in BUILTIN_MODULES:
-        if inputs is not None:
-            raise PtqUsageError(
-                f"{text} has fixed inputs ({BUILTIN_MODULES[text].summary}); drop the "
-                "--image-* options"
-            )
-        return ModuleSource(text, BUILTIN_MODULES[text].inputs)
+        builtin = BUILTIN_MODULES[text]
+        if inputs is None:
+            return ModuleSource(text, builtin.inputs)
+        if isinstance(builtin.inputs, DiffusionInputs) and isinstance(inputs, DiffusionInputs):
+            return ModuleSource(text, inputs)  # sampling settings, not the model's inputs
+        raise PtqUsageError(
+            f"{text} has fixed inputs ({builtin.summary}); drop the --{inputs.kind}-* options"
+        )
     if Path(text).expanduser().exists():
         return None
     parts = _split_factory(text)

@@ -4,7 +4,6 @@ NVFP4 and MXFP4; RTN, GPTQ, AdaRound) on tiny random-init configs."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -23,6 +22,7 @@ from ptq.qlinear import QuantLinear
 from ptq.scheme import Scheme
 
 pytest.importorskip("diffusers")
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny_cond_unet() -> nn.Module:
@@ -31,16 +31,6 @@ def tiny_cond_unet() -> nn.Module:
 
 def tiny_uncond_unet() -> nn.Module:
     return random_unet(conditional=False, sample_size=8, channels=(32, 32), in_channels=3)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: conv/GEMM timing on a shared 2-core machine is 20x slower with
-    threads contending (results do not depend on it)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
