@@ -73,6 +73,9 @@ def quantize_module(
         raise PtqUsageError(str(exc)) from None
     for note in plan.notes:
         log(f"note: {note}")
+    for name, why in plan.skipped.items():  # weights no pass can replace, named with why
+        if why != "ignored":
+            log(f"note: {name}: {why}")
     passes = list(pipeline.passes if isinstance(pipeline, Pipeline) else pipeline or [])
     if not passes:  # the module's own calibration batches are given: the calibrated default
         from ptq.compose import build_passes, default_method

@@ -172,3 +172,31 @@ def test_unconditional_unet_quantizes() -> None:
     errs = timestep_errors(model, q, DiffusionInputs(steps=3).record(model, n=2, seed=1))
     assert all(8.0 < e.sqnr_db < 60.0 for e in errs)
     assert isinstance(q.get_submodule("down_blocks.0.attentions.0.to_q"), QuantLinear)
+
+
+class RawConvHead(nn.Module):
+    """A denoiser whose last op is ``F.conv2d`` on a bare parameter (no Conv2d module)."""
+
+    def __init__(self, unet: nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+        self.config = unet.config
+        self.head = nn.Parameter(torch.randn(4, 4, 3, 3) * 0.1)
+
+    def forward(
+        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+    ) -> torch.Tensor:
+        y = denoise(self.unet, {"sample": sample, "timestep": timestep,
+                                "encoder_hidden_states": encoder_hidden_states})  # fmt: skip
+        return torch.nn.functional.conv2d(y, self.head, padding=1)
+
+
+def test_a_weight_without_quantized_op_is_named(unet: nn.Module, cal: Trajectories) -> None:
+    notes: list[str] = []
+    scheme = _scheme("fp8_e4m3_channel")
+    result = ptq.quantize(
+        RawConvHead(copy.deepcopy(unet)), scheme, calibration=cal.calibration_batches(),
+        pipeline=build_passes(scheme, method="rtn"), progress=False, log=notes.append,
+    )  # fmt: skip
+    assert "head" in result.plan.skipped and "head" not in result.plan.layers
+    assert any(n.startswith("note: head: not quantized:") and "conv" in n for n in notes), notes
