@@ -8,7 +8,9 @@ checkpoint when the same call is made again. Without ``output`` the model is loa
 into memory, quantized the same way (block by block) and returned.
 
 An ``nn.Module`` (a CNN) is quantized in memory with its convolutions; batch-norms are
-folded into them first.
+folded into them first. A model named by what builds it (a
+:class:`~ptq.models.module_source.ModuleSource`: ``efficientnet-lite0``, a factory) is
+quantized the same way and written to ``output`` (:mod:`ptq.module_quantize`).
 
 Example:
     >>> import ptq

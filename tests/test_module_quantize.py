@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from cnn_factory import write_factory, write_images
 from torch import nn
 
 import ptq
-from ptq.api import CalibrationConfig
+from ptq.api import CalibrationConfig, QuantizeResult
 from ptq.compose import build_passes
 from ptq.models.image_inputs import ImageInputs, image_files
 from ptq.models.module_source import ModuleSource
@@ -28,14 +29,38 @@ def _source(tmp_path: Path) -> ModuleSource:
     return ModuleSource(f"{path.resolve()}:build", ImageInputs(size=24))
 
 
+def _write(
+    source: ModuleSource,
+    s: Scheme,
+    method: str,
+    images: Path,
+    out: Path,
+    knobs: dict[str, Any] | None = None,
+) -> QuantizeResult:
+    """``ptq.quantize`` of ``source`` into ``out``: what ``ptq quantize`` runs."""
+    return ptq.quantize(
+        source,
+        s,
+        output=out,
+        pipeline=build_passes(s, method=method, knobs=knobs),
+        calibration=CalibrationConfig(path=images, samples=SAMPLES),
+        trust_remote_code=True,
+        progress=False,
+        log=lambda *_: None,
+    )
+
+
 def _in_memory(source: ModuleSource, scheme: Scheme, method: str, images: Path) -> nn.Module:
     """The same run kept in memory (the API on the built module)."""
     net = source.build(trust_remote_code=True)
     inputs = source.inputs.bound_to(net)
     batches = inputs.batches(image_files(images), SAMPLES, seed=0)
-    s = scheme
     result = ptq.quantize(
-        net, s, calibration=batches, pipeline=build_passes(s, method=method), progress=False
+        net,
+        scheme,
+        calibration=batches,
+        pipeline=build_passes(scheme, method=method),
+        progress=False,
     )
     assert result.model is not None
     return result.model
@@ -56,18 +81,8 @@ def test_output_reloads_to_the_in_memory_numerics(tmp_path: Path, scheme: str, m
     images = write_images(tmp_path / "images")
     out = tmp_path / "out"
     s = get_scheme(scheme)
-    result = ptq.quantize(
-        source,
-        s,
-        output=out,
-        pipeline=build_passes(
-            s, method=method, knobs={"iterations": 5} if "ada" in method else None
-        ),
-        calibration=CalibrationConfig(path=images, samples=SAMPLES),
-        trust_remote_code=True,
-        progress=False,
-        log=lambda *_: None,
-    )
+    knobs = {"iterations": 5} if "ada" in method else None
+    result = _write(source, s, method, images, out, knobs)
     assert result.output == out and result.model is None
     assert verify_output(out).layers == 5
     config = json.loads((out / "config.json").read_text())
@@ -96,20 +111,29 @@ def test_packed_formats_round_trip(tmp_path: Path, fmt: str) -> None:
     source = _source(tmp_path)
     images = write_images(tmp_path / "images")
     s = get_scheme("w8a16").with_overrides(weight=parse_format(fmt))
-    ptq.quantize(
-        source,
-        s,
-        output=tmp_path / "out",
-        pipeline=build_passes(s, method="gptq"),
-        calibration=CalibrationConfig(path=images, samples=SAMPLES),
-        trust_remote_code=True,
-        progress=False,
-        log=lambda *_: None,
-    )
+    _write(source, s, "gptq", images, tmp_path / "out")
     assert verify_output(tmp_path / "out").layers == 5
     reloaded, _ = load_quantized_model(tmp_path / "out", trust_remote_code=True)
     memory = _in_memory(source, s, "gptq", images)
     x = torch.randn(2, 3, 24, 24, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), memory(x))
+
+
+def test_static_activation_scales_of_convs_are_calibrated_and_written(tmp_path: Path) -> None:
+    from ptq.scheme import get_activation
+
+    source = _source(tmp_path)
+    images = write_images(tmp_path / "images")
+    s = get_scheme("w8a8").with_overrides(activation=get_activation("int8_tensor_static"))
+    result = _write(source, s, "rtn", images, tmp_path / "out")
+    scales = result.records["act_calibration"]["input_scale"]
+    assert sorted(scales) == ["dw", "head", "pw", "seq", "stem"]
+    manifest = json.loads((tmp_path / "out" / "ptq_manifest.json").read_text())
+    assert sum(n.endswith(".input_scale") for n in manifest["tensors"]) == 5
+    reloaded, _ = load_quantized_model(tmp_path / "out", trust_remote_code=True)
+    memory = _in_memory(source, s, "rtn", images)
+    x = torch.randn(2, 3, 24, 24, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         assert torch.equal(reloaded(x), memory(x))
 
