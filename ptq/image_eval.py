@@ -90,7 +90,12 @@ def evaluate_image_output(
         PtqInputError: An evaluation image was a calibration image, the factory's
             weights changed, or the output is not an image model's.
     """
-    from ptq.models.image_inputs import default_eval_images, file_digest, image_files
+    from ptq.models.image_inputs import (
+        ImageInputs,
+        default_eval_images,
+        file_digest,
+        image_files,
+    )
     from ptq.models.module_loader import load_quantized_module
     from ptq.models.module_source import weights_digest
 
@@ -109,6 +114,8 @@ def evaluate_image_output(
             "a factory must return the same weights on every call"
         )
     inputs = loaded.source.inputs
+    if not isinstance(inputs, ImageInputs):
+        raise PtqInputError(f"{path} is not an image model's output (inputs: {inputs.kind})")
     if inputs.input_name is None:
         raise PtqInputError(f"{path / 'config.json'}: ptq_module inputs have no input_name")
     x = inputs.samples(files, samples, seed)

@@ -105,8 +105,9 @@ def quantize_module_source(
 ) -> QuantizeResult:
     """Build, calibrate, quantize and write ``source`` into ``output`` (module docstring).
 
-    ``calibration.path`` is a folder of images (default: scikit-image's and
-    scikit-learn's test images), ``calibration.samples`` the number of crops.
+    ``calibration.path`` and ``calibration.samples`` are read by the model's inputs
+    (:meth:`ptq.models.image_inputs.ImageInputs.calibration`: a folder of images,
+    default scikit-image's and scikit-learn's test images, and the number of crops).
 
     Raises:
         PtqUsageError: ``output`` exists without ``overwrite``; a factory without
@@ -114,25 +115,23 @@ def quantize_module_source(
         PtqInputError: A calibration folder without images, a factory that fails.
     """
     from ptq.api import CalibrationConfig
-    from ptq.models.image_inputs import default_calibration_images, digests, image_files
     from ptq.models.module_source import weights_digest
     from ptq.output import check_output_dir
 
     start = time.perf_counter()
     check_output_dir(output, overwrite)
     cal = calibration or CalibrationConfig()
-    files = image_files(cal.path) if cal.path is not None else default_calibration_images()
     model = source.build(trust_remote_code=trust_remote_code)
     inputs = source.inputs.bound_to(model)
     fp_digest = weights_digest(model)
-    batches = inputs.batches(files, cal.samples, seed)
-    log(f"calibration: {cal.samples} crops of {len(files)} images, {inputs.size}x{inputs.size}")
-    result = quantize_module(model, scheme, pipeline, batches, seed, progress, device, log)
+    drawn = inputs.calibration(cal.path, cal.samples, seed)
+    log(f"calibration: {drawn.summary}")
+    result = quantize_module(model, scheme, pipeline, drawn.batches, seed, progress, device, log)
     record = {
         **replace(source, inputs=inputs).to_dict(),
         "folded": result.records.get("fold_batch_norm", []),
         "weights_sha256": fp_digest,
-        "calibration_sha256": digests(files),
+        "calibration_sha256": drawn.sha256,
     }
     write_module_output(model, result, {MODULE_KEY: record}, output, overwrite)
     log(f"wrote {output}")

@@ -31,6 +31,7 @@ from torch import nn
 
 from ptq.errors import PtqInputError, PtqUsageError
 from ptq.models.image_inputs import ImageInputs
+from ptq.models.model_inputs import ModelInputs
 
 __all__ = [
     "BUILTIN_MODULES",
@@ -66,7 +67,7 @@ class BuiltinModule:
     """A model ptq knows by name."""
 
     build: Callable[[], nn.Module]
-    inputs: ImageInputs
+    inputs: ModelInputs
     summary: str
 
 
@@ -79,7 +80,7 @@ BUILTIN_MODULES: Final[Mapping[str, BuiltinModule]] = {
 }
 
 
-def inputs_from_dict(data: Mapping[str, Any]) -> ImageInputs:
+def inputs_from_dict(data: Mapping[str, Any]) -> ModelInputs:
     """The input spec recorded in an output (dispatch on ``kind``).
 
     Raises:
@@ -101,7 +102,7 @@ class ModuleSource:
     """
 
     spec: str
-    inputs: ImageInputs = field(default_factory=ImageInputs)
+    inputs: ModelInputs = field(default_factory=ImageInputs)
 
     @property
     def builtin(self) -> bool:
