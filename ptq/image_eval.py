@@ -125,7 +125,7 @@ def evaluate_image_output(
     fp = fp_model(loaded, path, trust_remote_code)
     inputs = loaded.source.inputs
     if not isinstance(inputs, ImageInputs):
-        raise PtqInputError(f"{path} is the output of a {inputs.kind} model, not an image model")
+        raise PtqInputError(f"{path} is not an image model's output (inputs: {inputs.kind})")
     if inputs.input_name is None:
         raise PtqInputError(f"{path / 'config.json'}: ptq_module inputs have no input_name")
     x = inputs.samples(files, samples, seed)

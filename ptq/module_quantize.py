@@ -33,7 +33,7 @@ from ptq.pipeline import Pass, Pipeline, QuantState
 
 if TYPE_CHECKING:
     from ptq.api import CalibrationConfig, QuantizeResult
-    from ptq.models.module_source import ModuleInputs, ModuleSource
+    from ptq.models.module_source import ModuleSource
     from ptq.scheme import Scheme
 
 MODULE_KEY = "ptq_module"
@@ -108,11 +108,12 @@ def quantize_module_source(
 ) -> QuantizeResult:
     """Build, calibrate, quantize and write ``source`` into ``output`` (module docstring).
 
-    ``calibration.path`` is a folder of images (default: scikit-image's and
-    scikit-learn's test images), ``calibration.samples`` the number of crops. A diffusion
-    denoiser (:class:`~ptq.models.diffusion.DiffusionInputs`) calibrates on its own
-    sampling trajectories of ``inputs.trajectories`` random latents (seeded by ``seed``)
-    instead; ``calibration`` must then be None or name no folder.
+    ``calibration.path`` and ``calibration.samples`` are read by the model's inputs
+    (:meth:`ptq.models.image_inputs.ImageInputs.calibration`: a folder of images,
+    default scikit-image's and scikit-learn's test images, and the number of crops; a
+    diffusion denoiser's :meth:`ptq.models.diffusion.DiffusionInputs.calibration`:
+    sampling trajectories of random latents, no folder). The output records the seed
+    (``calibration_seed``: evaluation draws from another).
 
     Raises:
         PtqUsageError: ``output`` exists without ``overwrite``; a factory without
@@ -129,13 +130,15 @@ def quantize_module_source(
     model = source.build(trust_remote_code=trust_remote_code)
     inputs = source.inputs.bound_to(model)
     fp_digest = weights_digest(model)
-    batches, calibration_record = _calibration_batches(inputs, model, cal, seed, log)
-    result = quantize_module(model, scheme, pipeline, batches, seed, progress, device, log)
+    drawn = inputs.calibration(cal.path, cal.samples, seed)
+    log(f"calibration: {drawn.summary}")
+    result = quantize_module(model, scheme, pipeline, drawn.batches, seed, progress, device, log)
     record = {
         **replace(source, inputs=inputs).to_dict(),
         "folded": result.records.get("fold_batch_norm", []),
         "weights_sha256": fp_digest,
-        **calibration_record,
+        "calibration_sha256": drawn.sha256,
+        "calibration_seed": seed,
     }
     write_module_output(model, result, {MODULE_KEY: record}, output, overwrite)
     log(f"wrote {output}")
@@ -143,31 +146,6 @@ def quantize_module_source(
     result.model = None
     result.seconds = time.perf_counter() - start
     return result
-
-
-def _calibration_batches(
-    inputs: ModuleInputs, model: nn.Module, cal: CalibrationConfig, seed: int, log: Any
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The calibration input dicts of ``model``, and what the output records about them
-    (the images' SHA-256, or a diffusion model's trajectory seed)."""
-    from ptq.models.diffusion import DiffusionInputs
-    from ptq.models.image_inputs import default_calibration_images, digests, image_files
-
-    if isinstance(inputs, DiffusionInputs):
-        if cal.path is not None:
-            raise PtqUsageError(
-                "a diffusion model calibrates on sampling trajectories of random latents, "
-                f"not on files; drop the calibration folder ({cal.path})"
-            )
-        log(
-            f"calibration: {inputs.trajectories} {inputs.scheduler.upper()} trajectories x "
-            f"{inputs.steps} steps of random latents (seed {seed})"
-        )
-        return inputs.batches(model, seed), {"calibration_seed": seed}
-    files = image_files(cal.path) if cal.path is not None else default_calibration_images()
-    batches = inputs.batches(files, cal.samples, seed)
-    log(f"calibration: {cal.samples} crops of {len(files)} images, {inputs.size}x{inputs.size}")
-    return batches, {"calibration_sha256": digests(files)}
 
 
 def write_module_output(

@@ -47,7 +47,7 @@ def test_factory_quantize_verify_eval(tmp_path: Path, run_cli: Any) -> None:
     assert 0.0 <= float(agree.group(1)) <= 1.0 and 0.0 < float(err.group(1)) < 0.5
 
 
-def test_eval_refusals(tmp_path: Path, run_cli: Any) -> None:
+def test_eval_refusals(tmp_path: Path, run_cli: Any, tiny_llama: Path) -> None:
     factory = write_factory(tmp_path / "f")
     cal = write_images(tmp_path / "cal")
     out = tmp_path / "out"
@@ -59,6 +59,8 @@ def test_eval_refusals(tmp_path: Path, run_cli: Any) -> None:
     assert r.exit_code == 2 and "--trust-remote-code" in r.output
     r = run_cli("eval", str(out), "--seqlen", "64", "--trust-remote-code")
     assert r.exit_code == 2 and "--seqlen apply to language models" in r.output
+    r = run_cli("eval", str(tiny_llama), "--images", str(cal))
+    assert r.exit_code == 2 and "evaluate the output of an image model" in r.output
     write_factory(tmp_path / "f", seed=5)  # the factory now builds other weights
     r = run_cli("eval", str(out), "--trust-remote-code")
     assert r.exit_code == 2 and "now builds other weights" in r.output

@@ -33,13 +33,15 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Final
 
 import torch
 from torch import nn
 
-from ptq.errors import PtqInputError
+from ptq.errors import PtqInputError, PtqUsageError
+from ptq.models.model_inputs import Calibration
 
 __all__ = [
     "SCHEDULERS",
@@ -198,6 +200,7 @@ class DiffusionInputs:
             seeded).
         text_tokens: Length ``L`` of the random encoder states of a conditional model.
         trajectories: How many latents ``ptq quantize`` calibrates on (:meth:`batches`).
+        model: The denoiser :meth:`bound_to` bound (never serialised or compared).
     """
 
     kind: str = field(default="diffusion", init=False)
@@ -205,6 +208,7 @@ class DiffusionInputs:
     scheduler: str = "ddim"
     text_tokens: int = 8
     trajectories: int = 8
+    model: nn.Module | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if min(self.steps, self.text_tokens, self.trajectories) < 1:
@@ -236,19 +240,44 @@ class DiffusionInputs:
         )
 
     def bound_to(self, model: nn.Module) -> DiffusionInputs:
-        """These inputs, checked against ``model`` (the interface of
-        :meth:`ptq.models.image_inputs.ImageInputs.bound_to`).
+        """These inputs bound to the denoiser whose trajectories :meth:`calibration`
+        records (:class:`~ptq.models.model_inputs.ModelInputs`; not serialised).
 
         Raises:
             PtqInputError: ``model`` is not a diffusers-style denoiser.
         """
         _latent_spec(model)
-        return self
+        return replace(self, model=model)
 
     def batches(self, model: nn.Module, seed: int) -> list[dict[str, torch.Tensor]]:
         """Calibration batches: :meth:`record` of ``trajectories`` latents (``seed``), as
         :meth:`Trajectories.calibration_batches`."""
         return self.record(model, n=self.trajectories, seed=seed).calibration_batches()
+
+    def calibration(self, folder: Path | None, samples: int, seed: int) -> Calibration:
+        """:meth:`batches` of the bound model (:class:`~ptq.models.model_inputs.ModelInputs`).
+
+        ``samples`` is not read: the number of latents is ``trajectories`` (the command
+        line refuses ``--calib-samples`` for a diffusion model). No file is read, so no
+        SHA-256 is recorded; the output records the seed instead.
+
+        Raises:
+            PtqUsageError: A ``folder`` (a denoiser calibrates on its own trajectories),
+                or inputs not bound to a model.
+        """
+        if folder is not None:
+            raise PtqUsageError(
+                "a diffusion model calibrates on sampling trajectories of random latents, "
+                f"not on files; drop the calibration folder ({folder})"
+            )
+        if self.model is None:
+            raise PtqUsageError("DiffusionInputs.calibration needs bound_to(model) first")
+        return Calibration(
+            batches=self.batches(self.model, seed),
+            sha256=[],
+            summary=f"{self.trajectories} {self.scheduler.upper()} trajectories x "
+            f"{self.steps} steps of random latents (seed {seed})",
+        )
 
     def make_scheduler(self) -> Any:
         """The diffusers scheduler (Stable Diffusion's schedule), set to ``steps`` steps."""

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptq.errors import PtqInputError
+from ptq.models.model_inputs import Calibration
 from ptq.models.paths import package_dir
 
 __all__ = [
@@ -124,7 +125,8 @@ def _crop(img: torch.Tensor, size: int, gen: torch.Generator | None) -> torch.Te
 
 @dataclass(frozen=True, kw_only=True)
 class ImageInputs:
-    """An image model's input (see the module docstring).
+    """An image model's input (see the module docstring); a
+    :class:`~ptq.models.model_inputs.ModelInputs` of kind ``image``.
 
     Attributes:
         size: Side of the square input.
@@ -201,6 +203,20 @@ class ImageInputs:
             for i in range(n)
         ]
         return torch.stack(out)
+
+    def calibration(self, folder: Path | None, samples: int, seed: int) -> Calibration:
+        """``samples`` crops of the images in ``folder`` (default:
+        :func:`default_calibration_images`) as input dicts, with every file's SHA-256.
+
+        Raises:
+            PtqInputError: ``folder`` holds no images, or one is unreadable.
+        """
+        files = image_files(folder) if folder is not None else default_calibration_images()
+        return Calibration(
+            batches=self.batches(files, samples, seed),
+            sha256=digests(files),
+            summary=f"{samples} crops of {len(files)} images, {self.size}x{self.size}",
+        )
 
     def batches(
         self, files: Sequence[Path], n: int, seed: int, batch_size: int = 8

@@ -34,11 +34,11 @@ from torch import nn
 from ptq.errors import PtqInputError, PtqUsageError
 from ptq.models.diffusion import DiffusionInputs, small_unet
 from ptq.models.image_inputs import ImageInputs
+from ptq.models.model_inputs import ModelInputs
 
 __all__ = [
     "BUILTIN_MODULES",
     "BuiltinModule",
-    "ModuleInputs",
     "ModuleSource",
     "inputs_from_dict",
     "resolve_module_source",
@@ -47,8 +47,6 @@ __all__ = [
 
 _DOTTED: Final = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 TRUST_HINT: Final = "pass --trust-remote-code (trust_remote_code=True) to allow it"
-ModuleInputs = ImageInputs | DiffusionInputs
-"""What a model built by code takes: images, or a denoiser's sampling-trajectory inputs."""
 
 
 def _efficientnet_lite0() -> nn.Module:
@@ -72,7 +70,7 @@ class BuiltinModule:
     """A model ptq knows by name."""
 
     build: Callable[[], nn.Module]
-    inputs: ModuleInputs
+    inputs: ModelInputs
     summary: str
 
 
@@ -91,7 +89,7 @@ BUILTIN_MODULES: Final[Mapping[str, BuiltinModule]] = {
 }
 
 
-def inputs_from_dict(data: Mapping[str, Any]) -> ModuleInputs:
+def inputs_from_dict(data: Mapping[str, Any]) -> ModelInputs:
     """The input spec recorded in an output (dispatch on ``kind``).
 
     Raises:
@@ -115,7 +113,7 @@ class ModuleSource:
     """
 
     spec: str
-    inputs: ModuleInputs = field(default_factory=ImageInputs)
+    inputs: ModelInputs = field(default_factory=ImageInputs)
 
     @property
     def builtin(self) -> bool:
@@ -169,7 +167,7 @@ def _split_factory(spec: str) -> tuple[str, str] | None:
 
 
 def resolve_module_source(
-    spec: str | Path, *, trust_remote_code: bool, inputs: ModuleInputs | None = None
+    spec: str | Path, *, trust_remote_code: bool, inputs: ModelInputs | None = None
 ) -> ModuleSource | None:
     """The :class:`ModuleSource` that ``spec`` names, or None for a folder / ``.gguf`` /
     ``default`` (:func:`ptq.models.source.resolve_model`'s job).

@@ -4,6 +4,7 @@ NVFP4 and MXFP4; RTN, GPTQ, AdaRound) on tiny random-init configs."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,7 +13,7 @@ from torch import nn
 
 import ptq
 from ptq.compose import build_passes
-from ptq.errors import PtqInputError
+from ptq.errors import PtqInputError, PtqUsageError
 from ptq.formats.presets import preset
 from ptq.frontend.qconv import QuantConv2d
 from ptq.models.denoiser_error import timestep_errors
@@ -100,6 +101,22 @@ def test_bad_inputs_are_named() -> None:
         DiffusionInputs().record(nn.Linear(2, 2), n=1, seed=0)
     inputs = DiffusionInputs(steps=7, scheduler="ddpm", text_tokens=3)
     assert DiffusionInputs.from_dict(inputs.to_dict()) == inputs
+    with pytest.raises(PtqUsageError, match="bound_to"):
+        inputs.calibration(None, 1, 0)
+    with pytest.raises(PtqUsageError, match="drop the calibration folder"):
+        inputs.calibration(Path("images"), 1, 0)
+
+
+def test_calibration_is_the_bound_models_trajectories(unet: nn.Module) -> None:
+    bound = DiffusionInputs(steps=2, trajectories=3).bound_to(unet)
+    assert bound == DiffusionInputs(steps=2, trajectories=3) and "model" not in bound.to_dict()
+    drawn = bound.calibration(None, 128, seed=4)
+    want = DiffusionInputs(steps=2).record(unet, n=3, seed=4).calibration_batches()
+    assert len(drawn.batches) == 2 and drawn.sha256 == []
+    assert all(
+        torch.equal(a["sample"], b["sample"]) for a, b in zip(drawn.batches, want, strict=True)
+    )
+    assert drawn.summary == "3 DDIM trajectories x 2 steps of random latents (seed 4)"
 
 
 def _scheme(fmt: str) -> Scheme:
