@@ -28,6 +28,7 @@ from ptq.exporters.manifest import write_manifest
 from ptq.exporters.shard_writer import ShardWriter
 from ptq.formats.ct_layout import ct_format_name, to_compressed_tensors
 from ptq.formats.ptq_layout import to_ptq_layout
+from ptq.frontend.qconv import QuantConv2d
 from ptq.models.checkpoint_names import CheckpointNames
 from ptq.plan import QuantPlan
 from ptq.qlinear import QuantLinear
@@ -46,14 +47,19 @@ COPIED_FILES = (
 BIAS_GROUPS = {"attention_bias": ".self_attn.", "mlp_bias": ".mlp."}
 
 
-def quantized_tensors(module: QuantLinear) -> dict[str, torch.Tensor]:
-    """A QuantLinear's tensors in its compressed-tensors layout (local names)."""
+QUANTIZED_MODULES = (QuantLinear, QuantConv2d)
+"""What is written packed: a conv's weight as its flattened ``[O, I/g * prod(kernel)]``
+matrix, as a Linear's (:mod:`ptq.frontend.qconv`)."""
+
+
+def quantized_tensors(module: QuantLinear | QuantConv2d) -> dict[str, torch.Tensor]:
+    """A quantized layer's tensors in its compressed-tensors layout (local names)."""
     q = module.qweight
     w8a8 = module.activation is not None
     out = dict(to_compressed_tensors(q, w8a8) if ct_format_name(q.fmt) else to_ptq_layout(q))
     if module.bias is not None:
         out["bias"] = module.bias.detach()
-    if module.lorc_u is not None and module.lorc_v is not None:
+    if isinstance(module, QuantLinear) and module.lorc_u is not None and module.lorc_v is not None:
         out["weight_lorc_u"] = module.lorc_u.detach()
         out["weight_lorc_v"] = module.lorc_v.detach()
     if module.input_scale is not None:
@@ -76,7 +82,9 @@ def unit_tensors(
         return skip is None or not name.startswith(skip)
 
     quantized = {
-        n: m for n, m in module.named_modules() if isinstance(m, QuantLinear) and wanted(prefix + n)
+        n: m
+        for n, m in module.named_modules()
+        if isinstance(m, QUANTIZED_MODULES) and wanted(prefix + n)
     }
     for name, qmod in quantized.items():
         for local, t in quantized_tensors(qmod).items():
@@ -126,8 +134,10 @@ class CompressedTensorsOutput(Writer):
         plan: The plan (config groups, ``ptq_plan.json``).
         model: The module tree (its config after the passes' ``prepare``; which skipped
             layers are Linears).
-        source_dir: The source model folder (tokenizer files are copied from it).
-        source_config: The source ``config.json``.
+        source_dir: The source model folder (tokenizer files are copied from it); None
+            for a model built by code (:mod:`ptq.models.module_source`).
+        source_config: The source ``config.json`` (for a model built by code: what
+            rebuilds it, ``ptq_module``).
     """
 
     def __init__(
@@ -135,7 +145,7 @@ class CompressedTensorsOutput(Writer):
         shards: ShardWriter,
         plan: QuantPlan,
         model: nn.Module,
-        source_dir: Path,
+        source_dir: Path | None,
         source_config: dict[str, Any],
     ) -> None:
         self.shards = shards
@@ -190,11 +200,12 @@ class CompressedTensorsOutput(Writer):
         from ptq.passes.kv_cache import KV_SCALE_SUFFIXES
 
         flags = self._fill_group_biases(quantized)
-        extra = sum(
-            (self.source_dir / f).stat().st_size
+        copied = [
+            self.source_dir / f
             for f in COPIED_FILES
-            if (self.source_dir / f).is_file()
-        )
+            if self.source_dir is not None and (self.source_dir / f).is_file()
+        ]
+        extra = sum(p.stat().st_size for p in copied)
         self.shards.finish(out, extra_bytes=extra)
         config = dict(self.source_config)
         disk = self.plan.renamed(self.names.module_to_disk)
@@ -217,9 +228,8 @@ class CompressedTensorsOutput(Writer):
                 "dynamic": False,
             }
         (out / "config.json").write_text(json.dumps(config, indent=2))
-        for fname in COPIED_FILES:
-            if (self.source_dir / fname).is_file():
-                shutil.copy2(self.source_dir / fname, out / fname)
+        for path in copied:
+            shutil.copy2(path, out / path.name)
         (out / "ptq_plan.json").write_text(disk.to_json())
         if records:
             (out / "ptq_records.json").write_text(json.dumps(records, indent=2, default=str))

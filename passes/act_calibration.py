@@ -39,8 +39,11 @@ from ptq.calibration.observers import (
     PercentileObserver,
 )
 from ptq.formats import ElementFormat
+from ptq.frontend.qconv import QuantConv2d
 from ptq.pipeline import Pass, PassContext, QuantState
 from ptq.qlinear import QuantLinear
+
+QUANTIZED = (QuantLinear, QuantConv2d)
 
 
 def observe_inputs(
@@ -116,7 +119,8 @@ def static_scales(
 
 
 class ActCalibrationPass(Pass):
-    """Set ``input_scale = r / q_max`` on every QuantLinear with a static activation scheme.
+    """Set ``input_scale = r / q_max`` on every quantized Linear or convolution with a static
+    activation scheme (a convolution's observer sees its whole input feature map).
 
     Runs after the weight pass; the unit's activation quantization is switched off while
     observing so the missing scales do not matter, and restored afterwards.
@@ -133,7 +137,7 @@ class ActCalibrationPass(Pass):
     def run_unit(self, state: QuantState, ctx: PassContext) -> None:
         unit = state.unit
         assert unit is not None
-        modules: dict[str, QuantLinear] = {}
+        modules: dict[str, QuantLinear | QuantConv2d] = {}
         for name in unit.layers:
             act = state.plan.layers[name].activation
             if act is None or act.dynamic:
@@ -141,14 +145,14 @@ class ActCalibrationPass(Pass):
             if not act.symmetric:
                 raise ValueError(f"{name}: static activation scales must be symmetric")
             m = state.model.get_submodule(name)
-            if not isinstance(m, QuantLinear):
-                raise ValueError(f"{name} is not a QuantLinear; run the weight pass first")
+            if not isinstance(m, QUANTIZED):
+                raise ValueError(f"{name} is not quantized; run the weight pass first")
             modules[name] = m
         if not modules:
             return
         if ctx.calibration is None:
             raise ValueError("act_calibration needs calibration tokens (ctx.calibration is None)")
-        own = [m for m in unit.module.modules() if isinstance(m, QuantLinear)]
+        own = [m for m in unit.module.modules() if isinstance(m, QUANTIZED)]
         saved = [m.activation for m in own]
         for m in own:
             m.activation = None

@@ -5,7 +5,9 @@ Every conv whose only consumer is a ``BatchNorm2d`` (found on the captured graph
 ``W' = W a``, ``b' = (b - mu) a + beta`` with ``a = gamma / sqrt(var + eps)`` and the
 batch-norm an identity (:func:`ptq.frontend.fold.fold_conv_bn`): what an integer runtime
 executes, so the weight pass quantizes ``W'``. The model must be in memory and in eval
-mode; the capture runs on the first calibration batch.
+mode; the capture runs on the first calibration batch. The folded ``[conv, bn]`` pairs
+are recorded (``records["fold_batch_norm"]``): an output rebuilds the folded module tree
+from them (:mod:`ptq.models.module_loader`).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ class FoldBatchNormPass(Pass):
             first if isinstance(first, Mapping) else (first,)
         )
         folded = fold_all_conv_bn(state.model, example)
-        ctx.records["fold_batch_norm"] = [f"{conv} <- {bn}" for conv, bn in folded]
+        ctx.records["fold_batch_norm"] = [[conv, bn] for conv, bn in folded]
 
     def run_unit(self, state: QuantState, ctx: PassContext) -> None:
         """Nothing per unit: the folding happened in :meth:`prepare`."""

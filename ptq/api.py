@@ -8,7 +8,9 @@ checkpoint when the same call is made again. Without ``output`` the model is loa
 into memory, quantized the same way (block by block) and returned.
 
 An ``nn.Module`` (a CNN) is quantized in memory with its convolutions; batch-norms are
-folded into them first.
+folded into them first. A model named by what builds it (a
+:class:`~ptq.models.module_source.ModuleSource`: ``efficientnet-lite0``, a factory) is
+quantized the same way and written to ``output`` (:mod:`ptq.module_quantize`).
 
 Example:
     >>> import ptq
@@ -49,6 +51,7 @@ from ptq.steps import apply_steps
 if TYPE_CHECKING:
     from ptq.calibration.distributed import DistributedContext
     from ptq.calibration.runner import Writer
+    from ptq.models.module_source import ModuleSource
     from ptq.models.weight_source import WeightSource
 
 
@@ -109,7 +112,7 @@ def _as_scheme(scheme: Scheme | str) -> Scheme:
 
 
 def quantize(
-    model: str | Path | ModelSource | nn.Module,
+    model: str | Path | ModelSource | ModuleSource | nn.Module,
     scheme: Scheme | str,
     *,
     output: str | Path | None = None,
@@ -135,11 +138,15 @@ def quantize(
             or an ``nn.Module`` (a CNN, an encoder), quantized in memory and returned:
             ``calibration`` is then its list of input dicts (the first one is the capture's
             example), convolutions are planned, and batch-norms are folded into the
-            convolutions first (:mod:`ptq.passes.fold_batch_norm`).
+            convolutions first (:mod:`ptq.passes.fold_batch_norm`). A
+            :class:`~ptq.models.module_source.ModuleSource` (a built-in name such as
+            ``efficientnet-lite0`` or a factory) is built, calibrated on images
+            (``calibration.path``: a folder) and written to ``output``
+            (:mod:`ptq.module_quantize`).
         scheme: A :class:`~ptq.scheme.Scheme` or a preset name (``w4a8`` ...).
         output: Folder for the compressed-tensors checkpoint (written atomically). Given,
             the model is read block by block and never loaded whole.
-        pipeline: Passes to run (default: :func:`default_pipeline`, AWQ + GPTQ for weights
+        pipeline: Passes to run (default: :func:`default_pipeline`, GPTQ for weights
             of 4 bits or fewer, else round-to-nearest).
         calibration: Calibration data settings (used when a pass needs data).
         evaluate: FP and quantized perplexity on held-out text (in the same block-wise
@@ -165,10 +172,46 @@ def quantize(
             returns once it is written.
     """
     from ptq.calibration.distributed import DistributedContext
+    from ptq.models.module_source import ModuleSource
 
     if isinstance(model, nn.Module):
-        return _quantize_module(
-            model, _as_scheme(scheme), output, pipeline, calibration, seed, progress, device, log
+        from ptq.module_quantize import quantize_module
+
+        if output is not None:
+            raise PtqUsageError(
+                "an nn.Module is quantized in memory and returned (result.model); to write "
+                "an output, name the model by what builds it (a built-in name or "
+                "FILE.py:FUNCTION, ptq.models.module_source); or drop output"
+            )
+        if calibration is None or isinstance(calibration, CalibrationConfig):
+            raise PtqUsageError(
+                "quantizing an nn.Module needs calibration: a list of its input dicts, e.g. "
+                "[{'x': batch}, ...] (the first is also the capture's example)"
+            )
+        return quantize_module(
+            model, _as_scheme(scheme), pipeline, calibration, seed, progress, device, log
+        )
+    if isinstance(model, ModuleSource):
+        from ptq.module_quantize import quantize_module_source
+
+        if output is None:
+            raise PtqUsageError(
+                f"{model.spec}: give output (or build the model yourself and pass the nn.Module)"
+            )
+        if calibration is not None and not isinstance(calibration, CalibrationConfig):
+            raise PtqUsageError("give a CalibrationConfig (path: a folder of images)")
+        return quantize_module_source(
+            model,
+            _as_scheme(scheme),
+            output=Path(output),
+            pipeline=pipeline,
+            calibration=calibration,
+            seed=seed,
+            overwrite=overwrite,
+            progress=progress,
+            trust_remote_code=trust_remote_code,
+            device=device,
+            log=log,
         )
     if calibration is not None and not isinstance(calibration, CalibrationConfig):
         raise PtqUsageError(
@@ -215,57 +258,7 @@ def quantize(
             dctx.close()
 
 
-def _quantize_module(
-    model: nn.Module,
-    scheme: Scheme,
-    output: str | Path | None,
-    pipeline: Pipeline | list[Pass] | None,
-    calibration: CalibrationConfig | Sequence[Mapping[str, Any]] | None,
-    seed: int,
-    progress: bool,
-    device: str,
-    log: Any,
-) -> QuantizeResult:
-    """:func:`quantize` of an in-memory module (see its ``model`` argument)."""
-    from ptq.devices import resolve_device
-    from ptq.passes.fold_batch_norm import FoldBatchNormPass
-    from ptq.plan import IN_MEMORY_KINDS
-
-    start = time.perf_counter()
-    if output is not None:
-        raise PtqUsageError(
-            "an nn.Module is quantized in memory and returned (result.model): ptq writes "
-            "outputs for Hugging Face model folders only; drop output"
-        )
-    if calibration is None or isinstance(calibration, CalibrationConfig) or not calibration:
-        raise PtqUsageError(
-            "quantizing an nn.Module needs calibration: a list of its input dicts, e.g. "
-            "[{'x': batch}, ...] (the first is also the capture's example)"
-        )
-    batches = list(calibration)
-    model.eval()
-    try:
-        plan = build_plan(model, scheme, supported_kinds=IN_MEMORY_KINDS, example_inputs=batches[0])
-    except ValueError as exc:
-        raise PtqUsageError(str(exc)) from None
-    for note in plan.notes:
-        log(f"note: {note}")
-    passes = list(pipeline.passes if isinstance(pipeline, Pipeline) else pipeline or [])
-    if not passes:  # the module's own calibration batches are given: the calibrated default
-        from ptq.compose import build_passes, default_method
-
-        passes = build_passes(scheme, method=default_method(scheme, True, repeated_blocks=False))
-    if any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
-        passes.insert(0, FoldBatchNormPass())
-    ctx = PassContext(seed=seed, progress=progress, device=resolve_device(device, None))
-    ctx.calibration = batches
-    Pipeline(passes).run(QuantState(model=model, plan=plan), ctx)
-    result = QuantizeResult(model=model, plan=plan, output=None, records=ctx.records)
-    result.seconds = time.perf_counter() - start
-    return result
-
-
-def _check_written(folder: Path) -> None:
+def check_written(folder: Path) -> None:
     """The values check of ``ptq verify`` (:func:`ptq.verify.check_tensor_values`) on the
     output before it is renamed into place: no NaN/Inf, no all-zero weight or scale (a tied
     head written from an unloaded embedding, say) ever reaches the user's folder.
@@ -401,7 +394,7 @@ def _quantize(
     if main and writer is not None:
         with atomic_output_dir(out, overwrite) as tmp:
             writer.finish(tmp, outcome.quantized, ctx.records)
-            _check_written(tmp)
+            check_written(tmp)
         shutil.rmtree(work, ignore_errors=True)
         log(f"wrote {out}")
     if offload is not None:

@@ -16,6 +16,7 @@ import click
 
 from ptq.devices import DEVICE_HELP, DTYPE_HELP
 from ptq.errors import PtqError, PtqUsageError
+from ptq.module_cli import diffusion_options, image_options
 
 SCHEME_FLAGS = ("w4a16", "w4a8", "w8a8", "fp8", "w8a16")
 SCALE_RULE_NAMES = ("amax", "span", "full-range", "mx", "mx-round-up")
@@ -205,9 +206,18 @@ def main() -> None:
     "--calib",
     type=click.Path(path_type=Path),
     default=None,
-    help="Calibration text (.txt or .jsonl with 'text').",
+    help="Calibration text (.txt or .jsonl with 'text'); for an image model, a folder of "
+    "images [default: Shakespeare's plays; images: the test images of scikit-image and "
+    "scikit-learn].",
 )
-@click.option("--calib-samples", type=int, default=128, show_default=True)
+@click.option(
+    "--calib-samples",
+    type=int,
+    default=128,
+    show_default=True,
+    help="Calibration sequences; for an image model, crops (one central crop per image, "
+    "then random crops).",
+)
 @click.option("--calib-seqlen", type=int, default=512, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
@@ -329,11 +339,13 @@ def main() -> None:
 @click.option(
     "--target",
     type=click.Choice(["vllm", "onnx", "ptq"]),
-    default="vllm",
-    show_default=True,
+    default=None,
     help="Runtime the output is for: passes it would not apply are refused, and --budget "
-    "chooses only among formats it serves (ptq: every format).",
+    "chooses only among formats it serves (ptq: every format) [default: vllm; ptq for an "
+    "image model].",
 )
+@image_options
+@diffusion_options
 @_budget_options
 @_friendly
 def quantize(
@@ -371,7 +383,13 @@ def quantize(
     allow_pickle: bool,
     parallel: str,
     quiet: bool,
-    target: str,
+    target: str | None,
+    image_size: int | None,
+    image_mean: str | None,
+    image_std: str | None,
+    diffusion_steps: int | None,
+    diffusion_trajectories: int | None,
+    diffusion_scheduler: str | None,
     budget: str | None,
     budget_latency: str | None,
     kernel_efficiency: str | None,
@@ -379,18 +397,47 @@ def quantize(
     estimator: str,
     **scheme_kw: Any,
 ) -> None:
-    """Quantize MODEL (a HF folder, a .gguf file, or 'default') into OUTPUT."""
+    """Quantize MODEL into OUTPUT.
+
+    MODEL: 'default' (SmolLM2-135M), a Hugging Face folder, a .gguf file, a built-in
+    image model (efficientnet-lite0) or diffusion UNet (unet-small), or
+    FILE.py:FUNCTION / package.module:FUNCTION, a function returning a torch nn.Module
+    (runs your code: needs --trust-remote-code; add a --diffusion-* option for a
+    diffusers UNet).
+    """
     from ptq.api import CalibrationConfig, EvalConfig
     from ptq.api import quantize as run
+    from ptq.module_cli import resolve_cli_module
 
     _quiet_libraries(quiet)
     from ptq.passes.registry import make_method_passes, method_options
+
+    module = resolve_cli_module(
+        model,
+        {
+            "trust_remote_code": trust_remote_code,
+            "target": target,
+            "image_size": image_size,
+            "image_mean": image_mean,
+            "image_std": image_std,
+            "diffusion_steps": diffusion_steps,
+            "diffusion_trajectories": diffusion_trajectories,
+            "diffusion_scheduler": diffusion_scheduler,
+        },
+    )
+    target = target or ("ptq" if module is not None else "vllm")
 
     if recipe is not None and (method or rounding != "nearest" or act_observer):
         raise PtqUsageError(
             "--method/--rounding/--act-observer with --recipe: set them in the recipe"
         )
-    method = method or _default_method(scheme_kw, calib, rounding, bool(budget or budget_latency))
+    method = method or _default_method(
+        scheme_kw,
+        module is not None or _calibration_available(calib),
+        rounding,
+        bool(budget or budget_latency),
+        repeated_blocks=module is None,
+    )
     knobs = {
         k: v
         for k, v in {"percdamp": percdamp, "act_order": act_order, "iterations": iterations}.items()
@@ -470,6 +517,27 @@ def quantize(
     from ptq.targets import check_target, serving_summary
 
     check_target(target, passes)
+    if module is not None:
+        result = run(
+            module,
+            scheme,
+            output=output,
+            pipeline=passes,
+            calibration=cal,
+            seed=seed,
+            overwrite=overwrite,
+            progress=not quiet,
+            trust_remote_code=trust_remote_code,
+            device=device,
+            log=click.echo,
+        )
+        click.echo(
+            f"{len(result.plan.layers)} layers quantized ({scheme.name}), "
+            f"{len(result.records.get('fold_batch_norm', []))} batch-norms folded; "
+            f"check it with `ptq verify {output}`, measure it with `ptq eval {output}`"
+        )
+        click.echo(f"done in {result.seconds:.1f} s")
+        return
 
     source = resolve_model(model, quiet=quiet, allow_pickle=allow_pickle)
     result = run(
@@ -511,10 +579,17 @@ def quantize(
 
 
 def _default_method(
-    scheme_kw: dict[str, Any], calib: Path | None, rounding: str, budget: bool
+    scheme_kw: dict[str, Any],
+    calibration: bool,
+    rounding: str,
+    budget: bool,
+    *,
+    repeated_blocks: bool = True,
 ) -> str:
-    """``--method`` when none is given (:func:`ptq.compose.default_method`); ``rtn`` for
-    stochastic rounding and for a budget (the allocation measured its candidates so)."""
+    """``--method`` when none is given (:func:`ptq.compose.default_method`, ``calibration``:
+    whether calibration data is available; ``repeated_blocks``: a decoder LM, not a model
+    built by code); ``rtn`` for stochastic rounding and for a budget (the allocation
+    measured its candidates so)."""
     from ptq.compose import default_method
 
     if rounding == "stochastic" or budget:
@@ -522,7 +597,7 @@ def _default_method(
     has_scheme = any(scheme_kw[k] for k in ("scheme_flags", "scheme_name", "weight_format"))
     if not has_scheme:
         return "rtn"  # build_scheme reports the missing scheme (or --budget picks formats)
-    return default_method(build_scheme(**scheme_kw), _calibration_available(calib))
+    return default_method(build_scheme(**scheme_kw), calibration, repeated_blocks=repeated_blocks)
 
 
 def _calibration_available(calib: Path | None) -> bool:
@@ -587,11 +662,27 @@ def _calibration_available(calib: Path | None) -> bool:
     help="Run fp32/bf16/fp16 (with and without LayerCast) at batch sizes 1, 4, 16 and "
     "1 and 2 threads; report log-probability and perplexity differences.",
 )
+@click.option(
+    "--images",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Image models: a folder of held-out images, none of them a calibration image "
+    "[default: matplotlib's sample photos].",
+)
+@click.option(
+    "--samples",
+    type=int,
+    default=None,
+    help="Image models: crops to evaluate on [default: 100]; diffusion models: held-out "
+    "trajectories [default: 4].",
+)
 @click.option("--trust-remote-code", is_flag=True)
 @click.option("-q", "--quiet", is_flag=True)
 @_friendly
 def eval_cmd(**options: Any) -> None:
-    """Perplexity of MODEL (FP or a ptq output) on held-out text.
+    """Perplexity of MODEL (FP or a ptq output) on held-out text; for the output of an
+    image model, its top-1 agreement with the FP model and relative output error on
+    held-out images.
 
     With --dtype bf16|fp16 the weights are stored and the model runs in that dtype;
     --layercast computes in fp32 from the 16-bit weights; --lmul also evaluates with

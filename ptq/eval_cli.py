@@ -4,6 +4,8 @@
 * ``--lmul``: the perplexity with exact multiplication and with L-Mul products in every
   linear layer (:mod:`ptq.lmul`), side by side, in the same 16-bit dtype.
 * ``--reproducibility``: :mod:`ptq.reproducibility`.
+* the output of an image model (``ptq_module``): top-1 agreement with the FP model and
+  relative output error on held-out images (:mod:`ptq.image_eval`).
 
 A ptq output is evaluated with its emulated layers (dequantized weights, activation
 fake quantization), stored in the chosen dtype like any other weight.
@@ -98,11 +100,31 @@ def run_eval(
     reproducibility: bool,
     trust_remote_code: bool,
     quiet: bool,
+    images: Path | None = None,
+    samples: int | None = None,
 ) -> None:
     """Run ``ptq eval`` and print its result lines."""
     from ptq.evaluate import perplexity, tokenize_eval_text
     from ptq.models.paths import default_eval_file
     from ptq.precision import cast_model, eval_dtype
+
+    text_options = {
+        "--text": text is not None,
+        "--eval-tokens": eval_tokens is not None,
+        "--seqlen": seqlen is not None,
+        "--dtype": dtype_name is not None,
+        "--layercast": layercast,
+        "--lmul": lmul,
+        "--batch-size": batch_size != 1,
+        "--reproducibility": reproducibility,
+    }
+    if is_module_output(model):
+        _image_eval(model, images, samples, trust_remote_code, text_options)
+        return
+    if images is not None or samples is not None:
+        raise PtqUsageError(
+            f"--images/--samples evaluate the output of an image model; {model} is not one"
+        )
 
     check_eval_options(
         dtype_name=dtype_name,
@@ -139,6 +161,67 @@ def run_eval(
     click.echo(f"perplexity: {ppl:.4f} ({where}, exact multiplication)")
     click.echo(f"perplexity: {approx:.4f} ({where}, L-Mul in every linear layer)")
     click.echo(f"L-Mul / exact: x{approx / ppl:.4f}")
+
+
+def is_module_output(model: str) -> bool:
+    """Whether ``model`` is an output folder of a model built by code (``ptq_module``)."""
+    return module_output_kind(model) is not None
+
+
+def module_output_kind(model: str) -> str | None:
+    """The input kind (``image``, ``diffusion``) recorded in an output folder of a model
+    built by code (``ptq_module``), or None for anything else."""
+    import json
+
+    from ptq.module_quantize import MODULE_KEY
+
+    config = Path(model) / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        record = json.loads(config.read_text(encoding="utf-8"))[MODULE_KEY]
+        return str(record["inputs"]["kind"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
+def _image_eval(
+    model: str,
+    images: Path | None,
+    samples: int | None,
+    trust_remote_code: bool,
+    text_options: dict[str, bool],
+) -> None:
+    """``ptq eval OUT`` of an image model (:mod:`ptq.image_eval`), or of a diffusion
+    denoiser (:mod:`ptq.diffusion_eval`: ``--samples`` held-out trajectories, no images)."""
+    from ptq.diffusion_eval import evaluate_diffusion_output
+    from ptq.image_eval import evaluate_image_output
+
+    diffusion = module_output_kind(model) == "diffusion"
+    if diffusion:
+        text_options = {**text_options, "--images": images is not None}
+    given = [flag for flag, on in text_options.items() if on]
+    if given:
+        kind, use = (
+            ("a diffusion", "--samples") if diffusion else ("an image", "--images and --samples")
+        )
+        raise PtqUsageError(
+            f"{model} is {kind} model's output: {', '.join(given)} apply to language "
+            f"models; use {use}"
+        )
+    if samples is not None and samples < 1:
+        raise PtqUsageError(f"--samples must be at least 1, got {samples}")
+    result = (
+        evaluate_diffusion_output(
+            Path(model), trajectories=samples or 4, trust_remote_code=trust_remote_code
+        )
+        if diffusion
+        else evaluate_image_output(
+            Path(model), images=images, samples=samples or 100, trust_remote_code=trust_remote_code
+        )
+    )
+    for line in result.lines():
+        click.echo(line)
 
 
 def _reproducibility(load: Any, ids: Any, window: int) -> None:

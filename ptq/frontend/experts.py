@@ -149,12 +149,24 @@ def _converter_names(model: nn.Module) -> tuple[str, str, str] | None:
     return None
 
 
+CONV_MODULES = (
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+)
+
+
 def _fused_layout(name: str, module: nn.Module) -> tuple[int, int, int] | None:
     """``(E, I, H)`` of a fused experts module, None if ``module`` is not one.
 
     Raises:
         PtqInputError: 3-D expert weights in a layout ptq does not know (the module named).
     """
+    if isinstance(module, CONV_MODULES):  # a 1-D convolution's weight is 3-D too
+        return None
     params = dict(module.named_parameters(recurse=False))
     three_d = {n: p for n, p in params.items() if p.dim() == 3}
     if not three_d:

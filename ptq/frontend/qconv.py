@@ -75,6 +75,10 @@ class QuantConv2d(nn.Module):
     def weight(self) -> torch.Tensor:
         return self.conv.weight
 
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.conv.bias
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.activation is not None:
             x = fake_quantize_activation(x, self.activation, self.input_scale)

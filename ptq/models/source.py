@@ -51,9 +51,12 @@ def resolve_model(
         return _read_folder(folder)
     path = Path(text).expanduser()
     if not path.exists():
+        from ptq.models.module_source import BUILTIN_MODULES
+
         raise PtqInputError(
             f"model path {path} does not exist; give a Hugging Face folder, a .gguf file, "
-            f"or 'default' for the embedded SmolLM2-135M"
+            f"'default' for the embedded SmolLM2-135M, a built-in image model "
+            f"({', '.join(BUILTIN_MODULES)}) or FILE.py:FUNCTION returning an nn.Module"
         )
     if path.is_file():
         if path.suffix == ".gguf":
