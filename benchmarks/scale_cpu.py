@@ -14,7 +14,9 @@ not measured (GPTQ's K^3 Hessian inverse makes wider layers cost more per parame
 ``--acceptance`` adds the issue's memory check: an untied 12-block model (3.2 GB)
 with ``--w4a8 --smoothquant --method gptq`` and no memory flag. Usage::
 
-    python benchmarks/scale_cpu.py [--workdir /tmp/ptq-scale] [--acceptance]
+    python benchmarks/scale_cpu.py [--workdir /tmp/ptq-scale] [--blocks 1,3,8,13] [--acceptance]
+
+``--blocks ''`` runs the acceptance alone.
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ def main() -> None:
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
     rows: list[tuple[str, int, int, int, float, float]] = []
-    for n in [int(b) for b in args.blocks.split(",")]:
+    for n in [int(b) for b in args.blocks.split(",") if b]:
         folder = args.workdir / f"llama-{n}b"
         size = write_model(
             folder,
