@@ -199,6 +199,10 @@ def transpose_in_place(a: torch.Tensor, tile: int = 512) -> torch.Tensor:
     return a
 
 
+UPDATE_ROWS = 1024
+"""Rows of ``Wt`` per product in the sweep's lazy update (:func:`_sweep`)."""
+
+
 def _column_groups(cols: int, width: int) -> int:
     return max(1, -(-cols // width))
 
@@ -280,8 +284,11 @@ def gptq_quantize(
         scales = BlockScales(stored, block, zp, gs)
     Wt = Wq.T[perm].contiguous()  # column-major work copy (see _sweep)
     del Wq
-    codes = _sweep(Wt, U, scales, fmt, perm, cfg)
-    del U, Wt
+    _sweep(Wt, U, scales, fmt, perm, cfg)
+    del U  # before the codes get a matrix of their own
+    codes = torch.empty(N, K, dtype=Wt.dtype, device=Wt.device)
+    codes[:, perm] = Wt.T
+    del Wt
     scale_full, zp_full = scales.expand((N, K))
     deq = dequantize_with_scale(codes, scale_full, zp_full)
     del scale_full, zp_full
@@ -301,15 +308,16 @@ def _sweep(
     fmt: QuantFormat,
     perm: torch.Tensor,
     cfg: GPTQConfig,
-) -> torch.Tensor:
+) -> None:
     """Algorithm 1 on ``Wt = W.T[perm]`` (the columns of ``W`` as rows, in the order
-    ``perm``); returns grid values ``q`` ``[N, K]`` in the original order.
+    ``perm``), in place: row ``j`` of ``Wt`` ends holding column ``perm[j]``'s grid
+    values ``q``.
 
-    ``Wt`` is the sweep's work matrix, overwritten: row ``j`` holds column ``j``'s grid
-    values once it is quantized (it is never read again: its block works on a copy), so
-    the codes need no matrix of their own. In dynamic mode ``scales`` (in original
-    column order, with identity ``perm`` or a single column group) is filled as groups
-    start.
+    Once quantized, a row is never read again (its block works on a copy), so the codes
+    need no matrix of their own during the sweep; the lazy update of the rows after a
+    block runs ``UPDATE_ROWS`` rows at a time (the same products, without a
+    ``(K - i2) x N`` temporary). In dynamic mode ``scales`` (in original column order,
+    with identity ``perm`` or a single column group) is filled as groups start.
     """
     K, N = Wt.shape
     r, c = scales.block
@@ -352,10 +360,9 @@ def _sweep(
             err = (w - dequantize_with_scale(q, s_j, z)) / U1[i, i]
             W1[i:] -= U1[i, i:][:, None] * err[None, :]
             Err1[i] = err
-        Wt[i2:] -= U[i1:i2, i2:].T @ Err1
-    out = torch.empty(N, K, dtype=Wt.dtype, device=Wt.device)
-    out[:, perm] = Wt.T
-    return out
+        for r1 in range(i2, K, UPDATE_ROWS):  # the lazy update, a row slab at a time
+            r2 = min(r1 + UPDATE_ROWS, K)
+            Wt[r1:r2] -= U[i1:i2, r1:r2].T @ Err1
 
 
 def _current_columns(

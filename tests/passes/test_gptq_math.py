@@ -306,3 +306,17 @@ def test_transpose_in_place(n: int) -> None:
     assert out.data_ptr() == storage and torch.equal(out, expected)
     with pytest.raises(ValueError, match="square"):
         transpose_in_place(torch.randn(3, 4))
+
+
+def test_lazy_update_in_row_slabs_gives_the_same_bits(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ptq.passes.gptq_math as gm
+
+    w, _, h = make_problem(48, 640, 900)
+    fmt = FORMATS["int4_g64"]
+    cfg = GPTQConfig(block_size=32, act_order=True, scale_mode="static")
+    monkeypatch.setattr(gm, "UPDATE_ROWS", 1 << 20)  # one product per block
+    whole = gptq_quantize(w, h, fmt, layer_name="l", config=cfg)
+    monkeypatch.setattr(gm, "UPDATE_ROWS", 100)
+    slabs = gptq_quantize(w, h, fmt, layer_name="l", config=cfg)
+    assert torch.equal(whole.qtensor.codes, slabs.qtensor.codes)
+    assert torch.equal(whole.weight, slabs.weight)
