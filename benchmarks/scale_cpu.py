@@ -93,7 +93,7 @@ def main() -> None:
         )
         out = args.workdir / f"out-{n}b"
         cmd = [ptq, "quantize", str(folder), "--w4a16", "--method", "gptq", *CALIB]
-        m = measure([*cmd, "-o", str(out), "-q", "--overwrite"])
+        m = measure([*cmd, "-o", str(out), "-q", "--overwrite", "--restart"])
         if m.returncode != 0:
             print(m.tail, file=sys.stderr)
         rss, wall = m.peak_rss_bytes, m.seconds
@@ -112,7 +112,7 @@ def main() -> None:
         )
         out = args.workdir / "out-accept"
         cmd = [ptq, "quantize", str(folder), "--w4a8", "--smoothquant", "--method", "gptq", *CALIB]
-        m = measure([*cmd, "-o", str(out), "-q", "--overwrite"])
+        m = measure([*cmd, "-o", str(out), "-q", "--overwrite", "--restart"])
         if m.returncode != 0:
             print(m.tail, file=sys.stderr)
         rows.append(
