@@ -48,6 +48,24 @@ class HessianAccumulator:
 
     def update(self, x: torch.Tensor) -> None:
         """Add a batch of inputs ``x`` [..., K] (every leading index is one sample)."""
+        rows = self.rows(x)
+        if rows is None:
+            return
+        part = rows.T @ rows
+        check_diagonal(part.diagonal())
+        if self._sum is None:
+            self._sum = part
+        else:
+            self._sum += part
+        self._count += rows.shape[0]
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``x`` [..., K] as ``[n, K]`` rows in the accumulation dtype on the sum's device
+        (None when there are no rows).
+
+        Raises:
+            ValueError: The last dimension is not ``K``.
+        """
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(
                 f"HessianAccumulator expects inputs [..., {self.in_features}], "
@@ -55,21 +73,11 @@ class HessianAccumulator:
             )
         rows = x.detach().reshape(-1, self.in_features)
         if rows.shape[0] == 0:
-            return
+            return None
         device = self._device if self._device is not None else rows.device
         if self._sum is not None:
             device = self._sum.device
-        rows = rows.to(device=device, dtype=self.dtype)
-        part = rows.T @ rows
-        # A NaN or Inf anywhere in X reaches the diagonal (x^2), so checking K values
-        # replaces a pass over all N x K inputs (an overflowing x^2 is refused as well).
-        if not bool(torch.isfinite(part.diagonal()).all()):
-            raise ValueError("HessianAccumulator got NaN/Inf inputs; check the calibration data")
-        if self._sum is None:
-            self._sum = part
-        else:
-            self._sum += part
-        self._count += rows.shape[0]
+        return rows.to(device=device, dtype=self.dtype)
 
     def merge(self, other: HessianAccumulator) -> None:
         """Add another accumulator's samples (e.g. from another data shard)."""
@@ -93,3 +101,17 @@ class HessianAccumulator:
         if self._sum is None or self._count == 0:
             raise ValueError("HessianAccumulator has no samples; run calibration data first")
         return self._sum * (2.0 / self._count)
+
+
+def check_diagonal(diagonal: torch.Tensor) -> None:
+    """Refuse a partial ``X^T X`` whose diagonal is not finite.
+
+    A NaN or Inf anywhere in ``X`` reaches the diagonal (``x^2``), so checking ``K``
+    values replaces a pass over all ``N x K`` inputs (an overflowing ``x^2`` is refused
+    as well).
+
+    Raises:
+        ValueError: A diagonal entry is NaN or Inf.
+    """
+    if not bool(torch.isfinite(diagonal).all()):
+        raise ValueError("HessianAccumulator got NaN/Inf inputs; check the calibration data")

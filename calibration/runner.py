@@ -363,6 +363,8 @@ class UnitRunner:
         if self.has_prologue and self.source.lazy:
             self._save_overlay()
         self.source.release_outer()
+        if self.source.lazy:
+            release_freed()
 
     def _windows(self) -> list[torch.Tensor]:
         w = self.settings.eval_windows
@@ -419,11 +421,9 @@ class UnitRunner:
         self._run_passes(unit)
         fp = self.streams.get("fp")
         if fp is not None:
-            if unit.fp_outputs is None:
+            if not unit.fp_staged:
                 unit.run_fp()
-            assert unit.fp_outputs is not None
-            for b, h in enumerate(unit.fp_outputs):
-                fp.set_hidden(b, h)
+            fp.commit()
         for name in ("calib", "eval_q"):
             if name in self.streams:
                 self._advance(self.streams[name], block)

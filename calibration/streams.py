@@ -66,6 +66,13 @@ class Spill:
             return self._memory[key]
         return load_file(str(self._file(key)))["t"].to(self.device)
 
+    def move(self, key: str, new_key: str) -> None:
+        """Put the tensor of ``key`` under ``new_key`` (replacing it), without a copy."""
+        if self.folder is None:
+            self._memory[new_key] = self._memory.pop(key)
+        else:
+            self._file(key).replace(self._file(new_key))
+
     def drop(self, key: str) -> None:
         if self.folder is None:
             self._memory.pop(key, None)
@@ -87,6 +94,7 @@ class Stream:
     name: str
     inputs: list[BlockInput]
     spill: Spill
+    staged: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def create(cls, name: str, inputs: list[BlockInput], offload: Path | None) -> Stream:
@@ -110,6 +118,22 @@ class Stream:
     def input(self, i: int) -> BlockInput:
         """Batch ``i``'s full block input."""
         return replace(self.inputs[i], hidden=self.hidden(i))
+
+    def stage(self, i: int, hidden: torch.Tensor) -> None:
+        """Keep batch ``i``'s hidden states leaving the current block, where the stream
+        keeps its own (spilled when it is), until :meth:`commit`; the batches entering
+        the block stay readable meanwhile."""
+        self.spill.put(f"{self.name}-next-{i:05d}", hidden)
+        self.staged[i] = _placeholder(hidden)
+
+    def commit(self) -> None:
+        """The staged hidden states become the stream (every batch must be staged)."""
+        if sorted(self.staged) != list(range(len(self))):
+            raise ValueError(f"stream {self.name!r}: not every batch was staged")
+        for i, placeholder in self.staged.items():
+            self.spill.move(f"{self.name}-next-{i:05d}", f"{self.name}-{i:05d}")
+            self.inputs[i] = replace(self.inputs[i], hidden=placeholder)
+        self.staged.clear()
 
     def hiddens(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Every batch's hidden states by checkpoint key, one at a time (for saving)."""

@@ -97,7 +97,7 @@ class Unit:
     fp: Stream | None = None
     blocks: nn.ModuleList | None = None
     as_tuple: bool = False
-    fp_outputs: list[torch.Tensor] | None = None
+    fp_staged: bool = False
 
     def forwards(self) -> list[Callable[[], Any]]:
         """One callable per calibration batch running this unit on it."""
@@ -137,13 +137,17 @@ class Unit:
         """Run the block on every batch of the FP stream (hooks see its layers' inputs).
 
         The first call's outputs become the next block's FP stream: the FP model's
-        activations as they were when the first pass observing them ran.
+        activations as they were when the first pass observing them ran. They are staged
+        in the stream (:meth:`Stream.stage`: spilled with it, not held in memory) until
+        the runner commits them after the block.
         """
         if self.kind != "block" or self.fp is None:
             raise ValueError(
                 "this pass observes the floating-point model's activations block by block; "
                 f"it cannot run on a {self.kind!r} unit"
             )
-        outs = [block_output(block_forward(self.module, self.fp, i)) for i in range(len(self.fp))]
-        if self.fp_outputs is None:
-            self.fp_outputs = outs
+        for i in range(len(self.fp)):
+            out = block_output(block_forward(self.module, self.fp, i))
+            if not self.fp_staged:
+                self.fp.stage(i, out)
+        self.fp_staged = True

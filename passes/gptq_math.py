@@ -29,7 +29,7 @@ from typing import Literal
 import torch
 
 from ptq.formats import QTensor, QuantFormat
-from ptq.formats.rounding import check_finite
+from ptq.formats.rounding import all_finite, check_finite
 from ptq.passes.quant_with_scales import (
     BlockScales,
     block_scales,
@@ -107,42 +107,100 @@ class GPTQResult:
 
 
 def inverse_hessian_cholesky(
-    H: torch.Tensor, percdamp: float, max_retries: int, layer_name: str
+    H: torch.Tensor,
+    percdamp: float,
+    max_retries: int,
+    layer_name: str,
+    *,
+    perm: torch.Tensor | None = None,
+    dead: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, float, int]:
-    """Upper Cholesky ``U`` of ``Hinv = (H + lambda I)^-1`` (``Hinv = U^T U``).
+    """Upper Cholesky ``U`` of ``Hinv = (H' + lambda I)^-1`` (``Hinv = U^T U``).
 
-    ``lambda`` starts at ``percdamp * mean(diag H)`` and grows tenfold on each failure.
-    ``H`` is not modified. One work matrix beside ``H`` holds ``H + lambda I``, then its
-    Cholesky factor ``L``, then ``Hinv``, then ``U`` (the factorisations write in place),
-    so the peak is two ``K x K`` matrices: for a ``K = 14336`` down projection in float32
-    that is 1.6 GB instead of the 4 a copy per step would take.
+    ``H'`` is ``H`` with the diagonal of ``dead`` columns set to 1, its rows and columns
+    taken in the order ``perm`` (act-order), in ``dtype`` (default ``H``'s). ``lambda``
+    starts at ``percdamp * mean(diag H')`` and grows tenfold on each failure. ``H`` is
+    not modified.
+
+    One work matrix beside ``H`` holds ``H'`` (one gather), then ``H' + lambda I``, its
+    Cholesky factor ``L``, ``Hinv``, then ``U``: it is kept in column-major order, the
+    layout LAPACK factorises in, so each factorisation writes in place (on a row-major
+    matrix torch would work on a column-major copy: one more ``K x K`` each); ``U`` is
+    transposed into row-major order in place at the end (a retry gathers ``H'`` again).
+    The peak is two ``K x K`` matrices: for a ``K = 14336`` down projection in float32,
+    1.6 GB.
 
     Returns:
-        ``(U, lambda, retries)``.
+        ``(U, lambda, retries)``, ``U`` contiguous (row-major).
 
     Raises:
         HessianError: Still not positive definite after ``max_retries`` retries.
     """
-    base = float(torch.diag(H).mean())
+    work = _work_matrix(H, perm, dead, dtype or H.dtype)
+    base = float(torch.diag(work).mean())
     if not base > 0:
         raise HessianError(f"layer {layer_name!r}: Hessian diagonal has mean {base}; need > 0")
     info = torch.empty((), dtype=torch.int32, device=H.device)
     for retry in range(max_retries + 1):
         damp = percdamp * base * 10.0**retry
-        work = H.clone()
+        if retry:
+            work = _work_matrix(H, perm, dead, dtype or H.dtype)
         work.diagonal().add_(damp)
         torch.linalg.cholesky_ex(work, out=(work, info))  # work = L
         if int(info) == 0:
             torch.cholesky_inverse(work, out=work)  # work = Hinv
             torch.linalg.cholesky_ex(work, upper=True, out=(work, info))  # work = U
-            if int(info) == 0 and bool(torch.isfinite(work).all()):
-                return work, damp, retry
+            if int(info) == 0 and all_finite(work.T):
+                return transpose_in_place(work.T), damp, retry
         del work
     raise HessianError(
         f"layer {layer_name!r}: Hessian is not positive definite even with damping "
         f"{damp:.3g} after {max_retries} retries; collect more calibration samples or "
         f"raise percdamp"
     )
+
+
+def _work_matrix(
+    H: torch.Tensor, perm: torch.Tensor | None, dead: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """``H`` in ``dtype``, dead diagonal entries set to 1, in the order ``perm``, as one new
+    column-major ``K x K`` matrix (the transposed view of a row-major copy of its
+    transpose: the values are ``H'``'s, whether or not ``H`` is exactly symmetric)."""
+    t = H.T
+    if perm is None:
+        rows = torch.empty(t.shape, dtype=dtype, device=H.device).copy_(t)
+    else:
+        rows = t[perm[:, None], perm[None, :]].to(dtype)
+    work = rows.T
+    if dead is not None and bool(dead.any()):
+        work.diagonal()[dead if perm is None else dead[perm]] = 1.0
+    return work
+
+
+def transpose_in_place(a: torch.Tensor, tile: int = 512) -> torch.Tensor:
+    """Transpose the contiguous square matrix ``a`` in its own storage and return it.
+
+    Tiles ``(i, j)`` and ``(j, i)`` are swapped through one tile of scratch, so the
+    transpose costs ``tile^2`` elements instead of a second ``K x K`` matrix; values
+    are moved, never computed.
+    """
+    n = a.shape[0]
+    if a.dim() != 2 or a.shape[1] != n or not a.is_contiguous():
+        raise ValueError(f"transpose_in_place needs a contiguous square matrix, got {a.shape}")
+    for i in range(0, n, tile):
+        i2 = min(i + tile, n)
+        a[i:i2, i:i2] = a[i:i2, i:i2].T.clone()
+        for j in range(i2, n, tile):
+            j2 = min(j + tile, n)
+            upper = a[i:i2, j:j2].clone()
+            a[i:i2, j:j2] = a[j:j2, i:i2].T
+            a[j:j2, i:i2] = upper.T
+    return a
+
+
+UPDATE_ROWS = 1024
+"""Rows of ``Wt`` per product in the sweep's lazy update (:func:`_sweep`)."""
 
 
 def _column_groups(cols: int, width: int) -> int:
@@ -198,21 +256,24 @@ def gptq_quantize(
             f"g_idx; use scale_mode='static' (static groups) or drop act_order"
         )
     Wq = W.detach().float().clone()
-    Hd = H.detach().to(cfg.linalg_dtype)  # a copy only where needed: H is K x K
-    dead = torch.diag(Hd) == 0
-    if bool(dead.any()):
-        if Hd.data_ptr() == H.data_ptr():
-            Hd = Hd.clone()  # H belongs to the caller
-        Hd[dead, dead] = 1.0
+    diag = torch.diag(H.detach()).to(cfg.linalg_dtype)
+    dead = diag == 0
+    diag[dead] = 1.0
     Wq[:, dead] = 0.0
     gs = global_scale if global_scale is not None else tensor_global_scale(Wq, fmt)
 
     perm = torch.arange(K, device=W.device)
     if cfg.act_order:
-        perm = torch.argsort(torch.diag(Hd), descending=True, stable=True)
-        Hd = Hd[perm[:, None], perm[None, :]]  # one gather, one new matrix
-    U, damp, retries = inverse_hessian_cholesky(Hd, cfg.percdamp, cfg.max_damp_retries, layer_name)
-    del Hd
+        perm = torch.argsort(diag, descending=True, stable=True)
+    U, damp, retries = inverse_hessian_cholesky(
+        H.detach(),
+        cfg.percdamp,
+        cfg.max_damp_retries,
+        layer_name,
+        perm=perm if cfg.act_order else None,
+        dead=dead,
+        dtype=cfg.linalg_dtype,
+    )
     U = U.float()
     if cfg.scale_mode == "static":
         scales = block_scales(Wq, fmt, global_scale=gs)
@@ -221,12 +282,19 @@ def gptq_quantize(
         stored = torch.ones(n_row_blocks, _column_groups(K, block[1]), device=W.device)
         zp = None if fmt.symmetric else torch.zeros_like(stored)
         scales = BlockScales(stored, block, zp, gs)
-    codes = _sweep(Wq, U, scales, fmt, perm, cfg)
-    del U
+    Wt = Wq.T[perm].contiguous()  # column-major work copy (see _sweep)
+    del Wq
+    _sweep(Wt, U, scales, fmt, perm, cfg)
+    del U  # before the codes get a matrix of their own
+    codes = torch.empty(N, K, dtype=Wt.dtype, device=Wt.device)
+    codes[:, perm] = Wt.T
+    del Wt
     scale_full, zp_full = scales.expand((N, K))
     deq = dequantize_with_scale(codes, scale_full, zp_full)
+    del scale_full, zp_full
     D = W.detach().float() - deq  # the error metric is a report: float32 is enough
-    error = float(((D @ H.float()) * D).sum())
+    error = float((D @ H.float()).mul_(D).sum())
+    del D
     stats = GPTQStats(
         layer_name, error, damp, retries, int(dead.sum()), time.perf_counter() - start
     )
@@ -234,39 +302,40 @@ def gptq_quantize(
 
 
 def _sweep(
-    W: torch.Tensor,
+    Wt: torch.Tensor,
     U: torch.Tensor,
     scales: BlockScales,
     fmt: QuantFormat,
     perm: torch.Tensor,
     cfg: GPTQConfig,
-) -> torch.Tensor:
-    """Algorithm 1 on the columns of ``W`` taken in the order ``perm``; returns grid values
-    ``q`` in the original order.
+) -> None:
+    """Algorithm 1 on ``Wt = W.T[perm]`` (the columns of ``W`` as rows, in the order
+    ``perm``), in place: row ``j`` of ``Wt`` ends holding column ``perm[j]``'s grid
+    values ``q``.
 
-    ``W`` is left as it is (the sweep works on a column-major, permuted copy). In dynamic mode
-    ``scales`` (in original column order, with identity ``perm`` or a single column
-    group) is filled as groups start.
+    Once quantized, a row is never read again (its block works on a copy), so the codes
+    need no matrix of their own during the sweep; the lazy update of the rows after a
+    block runs ``UPDATE_ROWS`` rows at a time (the same products, without a
+    ``(K - i2) x N`` temporary). In dynamic mode ``scales`` (in original column order,
+    with identity ``perm`` or a single column group) is filled as groups start.
     """
-    N, K = W.shape
+    K, N = Wt.shape
     r, c = scales.block
     dynamic = cfg.scale_mode == "dynamic"
     # Column-major work: row j of Wt is column j of W, so the per-column steps below
     # read and write contiguous memory (several times faster than strided columns).
-    Wt = W.T[perm].contiguous()
     # Scales per column group, one row of N per group ([G, N], not an [K, N] expansion):
     # permuted column j reads group perm[j] // c.
     groups = _column_groups(K, c)
     group_of = (perm // c).tolist()
     if dynamic:
-        St = torch.ones(groups, N, device=W.device)
-        Zt = None if scales.zero_point is None else torch.zeros(groups, N, device=W.device)
+        St = torch.ones(groups, N, device=Wt.device)
+        Zt = None if scales.zero_point is None else torch.zeros(groups, N, device=Wt.device)
     else:
         St = expand_blocks(scales.effective(), (r, 1), (N, groups)).T.contiguous()
         Zt = None
         if scales.zero_point is not None:
             Zt = expand_blocks(scales.zero_point, (r, 1), (N, groups)).T.contiguous()
-    codes_t = torch.zeros_like(Wt)
     for i1 in range(0, K, cfg.block_size):
         i2 = min(i1 + cfg.block_size, K)
         W1 = Wt[i1:i2].clone()
@@ -287,14 +356,13 @@ def _sweep(
             s_j = St[group_of[j]]
             z = None if Zt is None else Zt[group_of[j]]
             q = round_with_scale(w, s_j, fmt.element, z)
-            codes_t[j] = q
+            Wt[j] = q
             err = (w - dequantize_with_scale(q, s_j, z)) / U1[i, i]
             W1[i:] -= U1[i, i:][:, None] * err[None, :]
             Err1[i] = err
-        Wt[i2:] -= U[i1:i2, i2:].T @ Err1
-    out = torch.empty_like(W)
-    out[:, perm] = codes_t.T
-    return out
+        for r1 in range(i2, K, UPDATE_ROWS):  # the lazy update, a row slab at a time
+            r2 = min(r1 + UPDATE_ROWS, K)
+            Wt[r1:r2] -= U[i1:i2, r1:r2].T @ Err1
 
 
 def _current_columns(

@@ -403,9 +403,11 @@ def _quantize(
     return result
 
 
-def _plan(model: nn.Module, scheme: Scheme, log: Any) -> QuantPlan:
+def _plan(
+    model: nn.Module, scheme: Scheme, log: Any, example_inputs: dict[str, Any] | None = None
+) -> QuantPlan:
     try:
-        plan = build_plan(model, scheme)
+        plan = build_plan(model, scheme, example_inputs=example_inputs)
     except ValueError as exc:
         raise PtqUsageError(str(exc)) from None
     for note in plan.notes:
@@ -461,22 +463,28 @@ class _TransformedFolder:
 
 
 def _plan_lazily(source: WeightSource, scheme: Scheme, log: Any) -> QuantPlan:
-    """The plan, captured with only the outer part and one block of each structure loaded."""
+    """The plan, captured with one block of each structure loaded and of the outer part
+    only what the forward up to those blocks runs: given ``inputs_embeds``
+    (:func:`~ptq.frontend.capture.embedded_example_inputs`) neither the embedding matrix
+    nor the head is read, so planning costs one block of memory, not the outer part."""
     from ptq.frontend.blocks import block_signature
+    from ptq.frontend.capture import embedded_example_inputs
+    from ptq.memory import release_freed
 
     first: dict[Any, int] = {}
     for i, block in enumerate(source.blocks or []):
         first.setdefault(block_signature(block), i)
     reps = sorted(first.values())
-    source.load_outer()
-    for i in reps:
-        source.load_block(i)
+    real = [p for i in reps for p in source.load_block(i).parameters() if p.is_floating_point()]
+    example = embedded_example_inputs(source.model, real[0].dtype, source.device) if real else None
     try:
-        return _plan(source.model, scheme, log)
+        with source.outer_on_demand(embeddings=example is None):
+            return _plan(source.model, scheme, log, example)
     finally:
         for i in reps:
             source.release_block(i)
         source.release_outer()
+        release_freed()  # the exported graph's reference cycles hold the block's weights
 
 
 def _calibration(

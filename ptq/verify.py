@@ -146,22 +146,30 @@ def _identity_norm_weights(folder: Path, names: list[str]) -> set[str]:
     return out
 
 
+def _scan_values(t: torch.Tensor) -> tuple[int, int, int]:
+    """``(non-finite, nonzero, total)`` element counts of ``t``, chunk by chunk."""
+    flat = t.reshape(-1)
+    bad = nonzero = 0
+    for start in range(0, flat.numel(), _CHUNK):
+        chunk = flat[start : start + _CHUNK]
+        if chunk.is_floating_point():
+            chunk = chunk.to(torch.float32)
+            bad += int((~torch.isfinite(chunk)).sum())
+        nonzero += int(torch.count_nonzero(chunk))
+    return bad, nonzero, flat.numel()
+
+
 def check_tensor_values(index: SafetensorsIndex) -> None:
     """Every floating tensor finite; weights and scales not all zero (chunked scan), except
     the weights of norms that apply ``1 + w`` (Gemma), for which zero is the identity."""
     zero: list[tuple[str, Path]] = []
     for name in index:
-        t = index.get(name).reshape(-1)
         where = index.file_of(name).path
-        bad = nonzero = 0
-        for start in range(0, t.numel(), _CHUNK):
-            chunk = t[start : start + _CHUNK]
-            if chunk.is_floating_point():
-                chunk = chunk.to(torch.float32)
-                bad += int((~torch.isfinite(chunk)).sum())
-            nonzero += int(torch.count_nonzero(chunk))
+        # a call, so that no name holds the tensor while the next one is read (an LM
+        # head and an embedding in a row would otherwise be 0.8 GB at once)
+        bad, nonzero, numel = _scan_values(index.get(name))
         if bad:
-            raise _fail(where, f"tensor {name!r} holds {bad} NaN/Inf of {t.numel()} values")
+            raise _fail(where, f"tensor {name!r} holds {bad} NaN/Inf of {numel} values")
         if nonzero == 0 and _must_be_nonzero(name):
             zero.append((name, where))
     if not zero:

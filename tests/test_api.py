@@ -99,3 +99,36 @@ def test_an_all_zero_tied_head_is_never_written(
     assert "tensor 'model.embed_tokens.weight' is all zeros" in r.output
     assert "nothing was written" in r.output
     assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_lazy_planning_reads_one_block_and_no_embedding_or_head(
+    tied: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The plan is captured from ``inputs_embeds``: neither the embedding matrix nor the
+    head is read (0.8 GB of a 3 GB untied Llama), and the plan is the loaded model's."""
+    from tiny_archs import make_tiny_model
+
+    from ptq.api import _as_scheme, _plan_lazily
+    from ptq.models.source import build_skeleton, load_fp_model, resolve_model
+    from ptq.models.weight_source import LazySource
+    from ptq.plan import build_plan
+
+    folder = make_tiny_model(tmp_path / "llama", num_hidden_layers=3, tie_word_embeddings=tied)
+    source = resolve_model(folder)
+    lazy = LazySource(source.path, build_skeleton(source), "cpu")
+    read: list[str] = []
+    original = LazySource._read
+
+    def spy(self: LazySource, name: str, **kw: Any) -> Any:
+        read.append(name)
+        return original(self, name, **kw)
+
+    monkeypatch.setattr(LazySource, "_read", spy)
+    scheme = _as_scheme("w4a16")
+    plan = _plan_lazily(lazy, scheme, lambda *_: None)
+    assert read and all(n.startswith("model.layers.0.") for n in read), read
+    assert all(p.is_meta for p in lazy.model.parameters())  # all released again
+    model, _ = load_fp_model(source)
+    assert plan.to_dict() == build_plan(model, scheme).to_dict()
+    assert plan.structure == build_plan(model, scheme).structure

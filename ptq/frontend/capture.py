@@ -146,6 +146,32 @@ def default_example_inputs(model: nn.Module, seq_len: int = 8) -> dict[str, Any]
     return inputs
 
 
+def embedded_example_inputs(
+    model: nn.Module, dtype: torch.dtype, device: torch.device, seq_len: int = 8
+) -> dict[str, Any] | None:
+    """A one-sequence batch given as ``inputs_embeds`` (zeros, ``[1, seq_len, hidden]``),
+    for a transformers model whose forward takes them; None otherwise.
+
+    Capture only needs the arguments the blocks receive, not their values (the graph is
+    traced on fake tensors), so a model whose embedding matrix is not loaded (a lazily
+    read checkpoint: 0.4 GB for a 49k x 2048 vocabulary) can be captured this way.
+    """
+    import inspect
+
+    forward = getattr(model, "forward", None)
+    get_in = getattr(model, "get_input_embeddings", None)
+    emb = get_in() if callable(get_in) else None
+    if forward is None or not isinstance(emb, nn.Embedding):
+        return None
+    if "inputs_embeds" not in inspect.signature(forward).parameters:
+        return None
+    hidden = torch.zeros(1, seq_len, emb.embedding_dim, dtype=dtype, device=device)
+    inputs: dict[str, Any] = {"inputs_embeds": hidden}
+    if getattr(getattr(model, "config", None), "use_cache", None) is not None:
+        inputs["use_cache"] = False
+    return inputs
+
+
 def capture_module(
     module: nn.Module,
     args: tuple[Any, ...],

@@ -109,8 +109,11 @@ class WeightSource:
         raise NotImplementedError
 
     @contextlib.contextmanager
-    def outer_on_demand(self, *, original: bool = False) -> Iterator[None]:
-        """The outer part, loaded as far as the code inside uses it (default: all of it)."""
+    def outer_on_demand(self, *, original: bool = False, embeddings: bool = True) -> Iterator[None]:
+        """The outer part, loaded as far as the code inside uses it (default: all of it).
+
+        ``embeddings=False``: the input embeddings load only if the code inside runs them
+        (a forward given ``inputs_embeds`` does not)."""
         self.load_outer(original=original)
         yield
 
@@ -322,9 +325,10 @@ class LazySource(WeightSource):
         self._load(self._outer_names(), original=original)
 
     @contextlib.contextmanager
-    def outer_on_demand(self, *, original: bool = False) -> Iterator[None]:
-        """Load the input embeddings now and every other outer module when it first runs
-        (the forward up to block 0 never touches the head, which stays unloaded)."""
+    def outer_on_demand(self, *, original: bool = False, embeddings: bool = True) -> Iterator[None]:
+        """Load the input embeddings now (``embeddings=False``: when they first run) and
+        every other outer module when it first runs (the forward up to block 0 never
+        touches the head, which stays unloaded)."""
         emb = getattr(self.model, "get_input_embeddings", None)
         module = emb() if callable(emb) else None
         names = {n for n, m in self.model.named_modules() if m is module}
@@ -332,8 +336,9 @@ class LazySource(WeightSource):
             self.load_outer(original=original)
             yield
             return
-        name = next(iter(names))
-        self._load({f"{name}.{n}" for n, _ in _named_tensors(module)}, original=original)
+        if embeddings:
+            name = next(iter(names))
+            self._load({f"{name}.{n}" for n, _ in _named_tensors(module)}, original=original)
         outer = self._outer_names()
         handles = []
         for mod_name, mod in self.model.named_modules():

@@ -156,3 +156,14 @@ def test_int_stochastic_rounding_neighbours(values: list[float]) -> None:
     q = quantize(x, fmt, rounding="stochastic", generator=g)
     y = x / q.scale
     assert ((q.codes.float() - y).abs() < 1.0 + 1e-6).all()
+
+
+def test_all_finite_checks_every_slice() -> None:
+    from ptq.formats.rounding import FINITE_CHECK_ELEMENTS, all_finite
+
+    rows = 2 * FINITE_CHECK_ELEMENTS // 64 + 3  # three slices of 64-wide rows
+    x = torch.zeros(rows, 64)
+    assert all_finite(x) and all_finite(x.T) and all_finite(torch.tensor(1.0))
+    x[-1, -1] = float("inf")  # in the last slice only
+    assert not all_finite(x) and not all_finite(x.T)
+    assert not all_finite(torch.tensor(float("nan")))

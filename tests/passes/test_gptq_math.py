@@ -27,6 +27,7 @@ from ptq.passes.gptq_math import (
     HessianError,
     gptq_quantize,
     inverse_hessian_cholesky,
+    transpose_in_place,
 )
 
 FORMATS = {
@@ -258,3 +259,64 @@ def test_channel_scale_format_refuses_dynamic_scales() -> None:
     w, _, h = make_problem()
     with pytest.raises(ValueError, match="channel scale"):
         gptq_quantize(w, h, M2, layer_name="l", config=MODES["dynamic"])
+
+
+def _reference_factor(
+    h: torch.Tensor, perm: torch.Tensor | None, dead: torch.Tensor
+) -> torch.Tensor:
+    """``U`` as the factorisation was written before it kept its work matrix column-major:
+    dead diagonal set on a copy, one gather, a row-major clone per step."""
+    hd = h.clone()
+    hd[dead, dead] = 1.0
+    if perm is not None:
+        hd = hd[perm[:, None], perm[None, :]]
+    damp = 0.01 * float(torch.diag(hd).mean())
+    work = hd.clone()
+    work.diagonal().add_(damp)
+    info = torch.empty((), dtype=torch.int32)
+    torch.linalg.cholesky_ex(work, out=(work, info))
+    torch.cholesky_inverse(work, out=work)
+    torch.linalg.cholesky_ex(work, upper=True, out=(work, info))
+    return work
+
+
+@pytest.mark.parametrize("act_order", [True, False])
+def test_in_place_factorisation_gives_the_same_bits(act_order: bool) -> None:
+    x = torch.randn(300, 200)
+    x[:, 7] = 0.0  # a dead column
+    h = x.T @ x * (2 / 300)
+    h[3, 5] += 1e-3  # not exactly symmetric: the lower triangle of H' is what is factorised
+    dead = torch.diag(h) == 0
+    diag = torch.diag(h).clone()
+    diag[dead] = 1.0
+    perm = torch.argsort(diag, descending=True, stable=True) if act_order else None
+    before = h.clone()
+    u, _, retries = inverse_hessian_cholesky(h, 0.01, 4, "l", perm=perm, dead=dead)
+    assert torch.equal(h, before)  # H is the caller's
+    assert u.is_contiguous() and retries == 0
+    assert torch.equal(u, _reference_factor(h, perm, dead))
+
+
+@pytest.mark.parametrize("n", [1, 511, 512, 1300])
+def test_transpose_in_place(n: int) -> None:
+    a = torch.randn(n, n)
+    expected = a.T.clone()
+    storage = a.data_ptr()
+    out = transpose_in_place(a)
+    assert out.data_ptr() == storage and torch.equal(out, expected)
+    with pytest.raises(ValueError, match="square"):
+        transpose_in_place(torch.randn(3, 4))
+
+
+def test_lazy_update_in_row_slabs_gives_the_same_bits(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ptq.passes.gptq_math as gm
+
+    w, _, h = make_problem(48, 640, 900)
+    fmt = FORMATS["int4_g64"]
+    cfg = GPTQConfig(block_size=32, act_order=True, scale_mode="static")
+    monkeypatch.setattr(gm, "UPDATE_ROWS", 1 << 20)  # one product per block
+    whole = gptq_quantize(w, h, fmt, layer_name="l", config=cfg)
+    monkeypatch.setattr(gm, "UPDATE_ROWS", 100)
+    slabs = gptq_quantize(w, h, fmt, layer_name="l", config=cfg)
+    assert torch.equal(whole.qtensor.codes, slabs.qtensor.codes)
+    assert torch.equal(whole.weight, slabs.weight)
