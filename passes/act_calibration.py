@@ -123,7 +123,9 @@ class ActCalibrationPass(Pass):
     activation scheme (a convolution's observer sees its whole input feature map).
 
     Runs after the weight pass; the unit's activation quantization is switched off while
-    observing so the missing scales do not matter, and restored afterwards.
+    observing so the missing scales do not matter, and restored afterwards. A layer-wise
+    weight pass (GPTQ, AdaRound, AdaQuant) installs static-activation layers without their
+    activation scheme (they have no scale during its stages); it is set here with the scale.
     """
 
     name: ClassVar[str] = "act_calibration"
@@ -172,4 +174,5 @@ class ActCalibrationPass(Pass):
         for n, m in modules.items():
             s = scales[n].float().reshape(1).to(m.weight.device)
             m.input_scale = s
+            m.activation = state.plan.layers[n].activation  # a layer-wise pass left it off
             record["input_scale"][n] = float(s)

@@ -109,6 +109,10 @@ class LayerwisePass(Pass):
             ctx.status = f"{short} err={rec.get('rel_output_error', math.nan):.2e}"
             layer = model.get_submodule(name)
             activation = plan.layers[name].activation
+            if activation is not None and not activation.dynamic:
+                # no scale yet: the layer reads FP activations in the later stages'
+                # forwards; the act_calibration pass sets its scale and its scheme
+                activation = None
             replace_module(model, name, quantized_module(layer, qt, bias, activation))
 
         def quantize(name: str, stats: LayerStats) -> None:

@@ -95,3 +95,24 @@ def test_bad_method_is_one_error_line(run_cli: Run, tiny_llama: Path, tmp_path: 
     lines = r.output.strip().splitlines()  # type: ignore[attr-defined]
     assert r.exit_code == 2 and len(lines) == 1  # type: ignore[attr-defined]
     assert lines[0].startswith("error:") and "awq+gptq" in lines[0]
+
+
+def test_layerwise_methods_with_static_activations(
+    run_cli: Run, tiny_llama: Path, tmp_path: Path
+) -> None:
+    """GPTQ's later stages run through layers whose static scales do not exist yet (FP
+    activations there); act_calibration then gives every layer its scale and scheme."""
+    plan = _quantize(
+        run_cli, tiny_llama, tmp_path / "st", "--w8a8", "--act-format", "int8_tensor_static",
+        "--method", "gptq",
+    )  # fmt: skip
+    records = json.loads((tmp_path / "st" / "ptq_records.json").read_text())
+    assert records["act_calibration"]["input_scale"].keys() == plan["layers"].keys()
+    tensors = load_file(str(tmp_path / "st" / "model.safetensors"))
+    assert all(f"{name}.input_scale" in tensors for name in plan["layers"])
+    from ptq.models.quantized_loader import load_quantized_model
+    from ptq.qlinear import QuantLinear
+
+    model, _ = load_quantized_model(tmp_path / "st")
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert layers and all(m.activation is not None and m.input_scale is not None for m in layers)
