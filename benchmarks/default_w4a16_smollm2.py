@@ -169,7 +169,9 @@ def main() -> None:
                 else "failed"
             )
         elif job.peer:
-            row["ppl"] = perplexity(load_peer_output(job.out), eval_ids, seqlen=512, progress=False)
+            row["ppl"] = perplexity(
+                load_peer_output(job.out, a.peer), eval_ids, seqlen=512, progress=False
+            )
             row["note"] = "GPTQModifier"
         else:
             model, _ = load_quantized_model(job.out)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shutil
 import subprocess
 import tempfile
 import time
@@ -119,13 +120,17 @@ PEERS = {
 }
 
 
-def load_peer_output(path: Path) -> nn.Module:
-    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+def load_peer_output(path: Path, peer: str) -> nn.Module:
+    """llm-compressor's output as an fp32 model: decompressed by the peer venv's own
+    transformers and compressed-tensors (``peers/llmc_dequantize.py``), then loaded."""
+    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
-        path, quantization_config=CompressedTensorsConfig(run_compressed=False)
-    )
-    return model.float().eval()
+    plain = path.with_name(path.name + "-fp32")
+    script = Path(__file__).resolve().parent / "peers" / "llmc_dequantize.py"
+    subprocess.run([peer, str(script), str(path), str(plain)], check=True, capture_output=True)
+    model = AutoModelForCausalLM.from_pretrained(plain, dtype=torch.float32)
+    shutil.rmtree(plain)
+    return model.eval()
 
 
 def add_row(rows: list[dict[str, object]], row: dict[str, object]) -> None:
@@ -264,7 +269,9 @@ def main() -> None:
                 continue
             res = json.loads(found[-1].split(" ", 1)[1])
             try:
-                ppl = perplexity(load_peer_output(out_dir), eval_ids, seqlen=512, progress=False)
+                ppl = perplexity(
+                    load_peer_output(out_dir, a.peer), eval_ids, seqlen=512, progress=False
+                )
                 note = f"reloaded here; in-peer ppl {res['ppl_in_peer']:.3f}"
             except Exception as exc:
                 ppl = float(res["ppl_in_peer"])
