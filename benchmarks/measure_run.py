@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,28 @@ class Measured:
 
 
 def measure(cmd: list[str]) -> Measured:
-    """Run ``cmd`` to completion (output captured) and measure it."""
+    """Run ``cmd`` to completion (output captured) and measure it.
+
+    The command is started by a fresh interpreter running this file (a few MB), not by
+    the caller: Linux starts a child by ``vfork`` + ``exec`` and carries the parent's
+    memory high-water mark into the child's ``ru_maxrss`` at ``exec``, so a caller that
+    once held gigabytes (``scale_cpu.py`` writing a 3 GB model) would be reported as the
+    command's peak (it was: 2.70 GB reported for a run whose ``VmHWM`` was 1.06 GB).
+    """
+    done = subprocess.run(
+        [sys.executable, "-S", str(Path(__file__).resolve()), "--", *cmd],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0 or not done.stdout.strip():
+        raise RuntimeError(f"measure_run.py failed ({done.returncode}): {done.stderr[-2000:]}")
+    return Measured(**json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def measure_here(cmd: list[str]) -> Measured:
+    """Run ``cmd`` as a child of this process and measure it (this process must be small:
+    see :func:`measure`)."""
     with tempfile.TemporaryFile() as out:
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
@@ -48,7 +70,7 @@ def main() -> None:
         args = args[1:]
     if not args:
         sys.exit("usage: measure_run.py -- COMMAND [ARGS...]")
-    print(json.dumps(asdict(measure(args))))
+    print(json.dumps(asdict(measure_here(args))))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,26 @@ from __future__ import annotations
 import torch
 
 
+class OwnedHessian:
+    """A finished Hessian handed over to its last reader, who may overwrite it.
+
+    GPTQ factorises ``H + lambda I`` in a ``K x K`` work matrix; a reader that owns ``H``
+    can use ``H``'s own storage for it instead of a second matrix (0.15 GB for a
+    ``K = 6144`` down projection). :meth:`release` gives the tensor to the callee and
+    drops this holder's reference, so the storage is freed when the callee is done.
+    """
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self._tensor: torch.Tensor | None = tensor
+
+    def release(self) -> torch.Tensor:
+        """The tensor, once (the holder keeps no reference)."""
+        if self._tensor is None:
+            raise ValueError("OwnedHessian.release() called twice")
+        tensor, self._tensor = self._tensor, None
+        return tensor
+
+
 class HessianAccumulator:
     """Accumulates ``sum_i x_i x_i^T`` over calibration rows of one layer input.
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ptq.calibration.hessian import HessianAccumulator, check_diagonal
+from ptq.calibration.hessian import HessianAccumulator, OwnedHessian, check_diagonal
 
 SLAB_ROWS = 512
 """Rows of a partial ``X^T X`` computed and folded at a time (a 512 x K slab)."""
@@ -39,6 +39,12 @@ class OrderedHessian(HessianAccumulator):
         self.defer = defer
         self.pending: list[tuple[torch.Tensor, int]] = []
         self._final: torch.Tensor | None = None
+        self.readers = 1
+        self._handed_over = False
+
+    def add_reader(self) -> None:
+        """One more layer reads this Hessian (fed the same input, e.g. k and v beside q)."""
+        self.readers += 1
 
     def update(self, x: torch.Tensor) -> None:
         """Compute ``P_b = X_b^T X_b`` for one forward's rows and fold (or keep) it.
@@ -96,8 +102,24 @@ class OrderedHessian(HessianAccumulator):
                 "OrderedHessian.hessian() on a shard before the reduction gave it the sums "
                 "of the earlier batches"
             )
+        if self._handed_over:
+            raise ValueError(
+                "OrderedHessian.hessian() after take() handed the matrix to its last reader"
+            )
         if self._final is None:
             if self._sum is None or self._count == 0:
                 raise ValueError("OrderedHessian has no samples; run calibration data first")
             self._final, self._sum = self._sum.mul_(2.0 / self._count), None
         return self._final
+
+    def take(self) -> torch.Tensor | OwnedHessian:
+        """``H`` for one reader that will not ask again: the shared matrix (read-only)
+        while other readers remain, and for the last reader the matrix itself, handed
+        over (:class:`OwnedHessian`): the accumulator lets go of it, so that reader may
+        factorise in its storage and free it."""
+        h = self.hessian()
+        self.readers -= 1
+        if self.readers > 0:
+            return h
+        self._final, self._handed_over = None, True
+        return OwnedHessian(h)

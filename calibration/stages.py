@@ -216,7 +216,7 @@ def _collect(
     layers whose rows are their input alone (not convolutions, see :func:`_input_only`).
     """
     stats: dict[str, LayerStats] = {}
-    shared: dict[int, HessianAccumulator] = {}
+    shared: dict[int, OrderedHessian] = {}
     handles = []
     for name in names:
         module = root.get_submodule(name[len(prefix) :])
@@ -226,6 +226,7 @@ def _collect(
             width = hess.in_features
             if width in shared:
                 stats[name].hessian, stats[name].owns_hessian = shared[width], False
+                shared[width].add_reader()
             else:
                 shared[width] = hess
 

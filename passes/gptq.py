@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ptq.calibration.layer_inputs import geometry, weight_2d
+from ptq.calibration.ordered_hessian import OrderedHessian
 from ptq.calibration.stages import LayerStats, StatsRequest
 from ptq.formats import QTensor, QuantFormat, dequantize, quantize
 from ptq.passes.gptq_math import GPTQConfig, GPTQResult, gptq_quantize
@@ -98,11 +99,18 @@ class GPTQPass(LayerwisePass):
         assert stats.hessian is not None
         geo = geometry(layer)
         w = weight_2d(layer)
-        hess = stats.hessian.hessian()
         cfg = self.config.math_config()
         record: dict[str, Any] = {}
         if geo.groups == 1:
+            # the last reader of an OrderedHessian gets it handed over: GPTQ factorises
+            # in its storage instead of beside it
+            hess = (
+                stats.hessian.take()
+                if isinstance(stats.hessian, OrderedHessian)
+                else stats.hessian.hessian()
+            )
             res = gptq_quantize(w, hess, plan.weight, layer_name=name, config=cfg)
+            del hess
             qt, deq = res.qtensor, res.weight
             record.update(
                 hessian_error=res.stats.error,
@@ -113,6 +121,7 @@ class GPTQPass(LayerwisePass):
         elif _row_separable(plan.weight, w.shape[0] // geo.groups, w.shape[1]):
             per = w.shape[0] // geo.groups
             gs = tensor_global_scale(w, plan.weight)
+            hess = stats.hessian.hessian()
             results: list[GPTQResult] = [
                 gptq_quantize(
                     w[j * per : (j + 1) * per],

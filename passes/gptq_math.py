@@ -22,12 +22,15 @@ Any :class:`QuantFormat` works: INT at any granularity, FP8/FP4 minifloats, MXFP
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import BinaryIO, Literal
 
 import torch
 
+from ptq.calibration.hessian import OwnedHessian
 from ptq.formats import QTensor, QuantFormat
 from ptq.formats.rounding import all_finite, check_finite
 from ptq.passes.quant_with_scales import (
@@ -87,7 +90,8 @@ class GPTQConfig:
 
 @dataclass(frozen=True)
 class GPTQStats:
-    """Per-layer figures: ``error = tr((W - Q) H (W - Q)^T)`` with the caller's ``H``."""
+    """Per-layer figures: ``error = tr((W - Q) H (W - Q)^T)`` with the caller's ``H``
+    (for a handed-over ``H``, from the sweep's own errors: see :func:`gptq_quantize`)."""
 
     layer_name: str
     error: float
@@ -115,6 +119,7 @@ def inverse_hessian_cholesky(
     perm: torch.Tensor | None = None,
     dead: torch.Tensor | None = None,
     dtype: torch.dtype | None = None,
+    consume: bool = False,
 ) -> tuple[torch.Tensor, float, int]:
     """Upper Cholesky ``U`` of ``Hinv = (H' + lambda I)^-1`` (``Hinv = U^T U``).
 
@@ -129,7 +134,10 @@ def inverse_hessian_cholesky(
     matrix torch would work on a column-major copy: one more ``K x K`` each); ``U`` is
     transposed into row-major order in place at the end (a retry gathers ``H'`` again).
     The peak is two ``K x K`` matrices: for a ``K = 14336`` down projection in float32,
-    1.6 GB.
+    1.6 GB. With ``consume`` (the caller owns ``H`` and will not read it again) the work
+    matrix is ``H``'s own storage: rows permuted by cycles, transposed and permuted again
+    in place (:func:`_work_matrix_in_place`, the same values moved, never computed), and
+    a retry restores ``H'`` from a copy spilled to a temporary file: one ``K x K``.
 
     Returns:
         ``(U, lambda, retries)``, ``U`` contiguous (row-major).
@@ -137,23 +145,34 @@ def inverse_hessian_cholesky(
     Raises:
         HessianError: Still not positive definite after ``max_retries`` retries.
     """
-    work = _work_matrix(H, perm, dead, dtype or H.dtype)
+    dtype = dtype or H.dtype
+    in_place = consume and H.dtype == dtype and H.is_contiguous() and H.device.type == "cpu"
+    work = _work_matrix_in_place(H, perm, dead) if in_place else _work_matrix(H, perm, dead, dtype)
+    if consume:
+        del H  # the caller's only other reference was released (OwnedHessian)
     base = float(torch.diag(work).mean())
     if not base > 0:
         raise HessianError(f"layer {layer_name!r}: Hessian diagonal has mean {base}; need > 0")
-    info = torch.empty((), dtype=torch.int32, device=H.device)
-    for retry in range(max_retries + 1):
-        damp = percdamp * base * 10.0**retry
-        if retry:
-            work = _work_matrix(H, perm, dead, dtype or H.dtype)
-        work.diagonal().add_(damp)
-        torch.linalg.cholesky_ex(work, out=(work, info))  # work = L
-        if int(info) == 0:
-            torch.cholesky_inverse(work, out=work)  # work = Hinv
-            torch.linalg.cholesky_ex(work, upper=True, out=(work, info))  # work = U
-            if int(info) == 0 and all_finite(work.T):
-                return transpose_in_place(work.T), damp, retry
-        del work
+    info = torch.empty((), dtype=torch.int32, device=work.device)
+    with tempfile.TemporaryFile() if consume else contextlib.nullcontext() as spill:
+        if spill is not None:
+            _spill(spill, work.T)
+        for retry in range(max_retries + 1):
+            damp = percdamp * base * 10.0**retry
+            if retry:
+                if spill is not None:
+                    _restore(spill, work.T)
+                else:
+                    work = _work_matrix(H, perm, dead, dtype)
+            work.diagonal().add_(damp)
+            torch.linalg.cholesky_ex(work, out=(work, info))  # work = L
+            if int(info) == 0:
+                torch.cholesky_inverse(work, out=work)  # work = Hinv
+                torch.linalg.cholesky_ex(work, upper=True, out=(work, info))  # work = U
+                if int(info) == 0 and all_finite(work.T):
+                    return transpose_in_place(work.T), damp, retry
+            if spill is None:
+                del work
     raise HessianError(
         f"layer {layer_name!r}: Hessian is not positive definite even with damping "
         f"{damp:.3g} after {max_retries} retries; collect more calibration samples or "
@@ -176,6 +195,70 @@ def _work_matrix(
     if dead is not None and bool(dead.any()):
         work.diagonal()[dead if perm is None else dead[perm]] = 1.0
     return work
+
+
+def _work_matrix_in_place(
+    H: torch.Tensor, perm: torch.Tensor | None, dead: torch.Tensor | None
+) -> torch.Tensor:
+    """:func:`_work_matrix`'s values in ``H``'s own storage (``H`` is overwritten).
+
+    The storage ``S`` (row-major ``H``) must end holding ``H'^T`` row-major, i.e. the
+    row-major copy ``_work_matrix`` makes: ``S[i, j] = H[perm j, perm i]``. Rows are
+    permuted (``S[i] <- S[perm i]``), ``S`` transposed, rows permuted again: after the
+    three steps ``S[i, j] = H[perm j, perm i]``. Values are moved, never computed.
+    """
+    if perm is not None:
+        permute_rows_in_place(H, perm)
+    transpose_in_place(H)
+    if perm is not None:
+        permute_rows_in_place(H, perm)
+    work = H.T
+    if dead is not None and bool(dead.any()):
+        work.diagonal()[dead if perm is None else dead[perm]] = 1.0
+    return work
+
+
+def permute_rows_in_place(a: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """``a[i] <- a[perm[i]]`` for every row, in ``a``'s storage, one row of scratch.
+
+    Each cycle of ``perm`` is followed from its first row, which is saved; every other
+    row of the cycle is read before it is overwritten.
+    """
+    order = perm.tolist()
+    if sorted(order) != list(range(a.shape[0])):
+        raise ValueError(f"permute_rows_in_place needs a permutation of {a.shape[0]} rows")
+    done = [False] * len(order)
+    for start, first in enumerate(order):
+        if done[start] or first == start:
+            done[start] = True
+            continue
+        saved = a[start].clone()
+        i = start
+        while True:
+            done[i] = True
+            j = order[i]
+            if j == start:
+                a[i] = saved
+                break
+            a[i] = a[j]
+            i = j
+    return a
+
+
+def _spill(f: BinaryIO, a: torch.Tensor) -> None:
+    """Write the contiguous ``a``'s bytes to ``f`` (read back by :func:`_restore`)."""
+    host = a if a.device.type == "cpu" else a.cpu()
+    f.write(host.numpy().data.cast("B"))
+
+
+def _restore(f: BinaryIO, a: torch.Tensor) -> None:
+    f.seek(0)
+    if a.device.type == "cpu":
+        f.readinto(a.numpy().data.cast("B"))  # type: ignore[attr-defined]
+    else:
+        host = torch.empty(a.shape, dtype=a.dtype)
+        f.readinto(host.numpy().data.cast("B"))  # type: ignore[attr-defined]
+        a.copy_(host)
 
 
 def transpose_in_place(a: torch.Tensor, tile: int = 512) -> torch.Tensor:
@@ -209,7 +292,7 @@ def _column_groups(cols: int, width: int) -> int:
 
 def gptq_quantize(
     W: torch.Tensor,
-    H: torch.Tensor,
+    H: torch.Tensor | OwnedHessian,
     fmt: QuantFormat,
     *,
     layer_name: str,
@@ -220,7 +303,15 @@ def gptq_quantize(
 
     Args:
         W: Weight, any float dtype (computed in fp32).
-        H: Hessian of the layer inputs (not modified).
+        H: Hessian of the layer inputs: not modified, or, handed over as an
+            :class:`OwnedHessian`, factorised in its own storage (no second ``K x K``
+            matrix) and freed before the codes are built. The reported error then comes
+            from the sweep: with ``Hinv = U^T U`` the sweep leaves ``W' - Q = E U``
+            (``E`` the scaled errors ``Err_j``, ``W'`` the weight with dead columns
+            zeroed), so ``tr((W' - Q)(H' + lambda I)(W' - Q)^T) = ||E||^2`` and
+            ``error = ||E||^2 - lambda ||W' - Q||^2`` (dead columns have zero rows and
+            columns in ``H`` and zero codes), equal to the direct formula up to
+            float32 rounding.
         fmt: Target format.
         layer_name: Named in errors and stats.
         config: Options (defaults: block 128, percdamp 0.01, dynamic scales).
@@ -233,6 +324,9 @@ def gptq_quantize(
     """
     cfg = config or GPTQConfig()
     start = time.perf_counter()
+    owned = isinstance(H, OwnedHessian)
+    if isinstance(H, OwnedHessian):
+        H = H.release()
     if W.dim() != 2 or H.shape != (W.shape[1], W.shape[1]):
         raise ValueError(
             f"layer {layer_name!r}: GPTQ needs W [N, K] and H [K, K], got W {tuple(W.shape)} "
@@ -265,26 +359,32 @@ def gptq_quantize(
     perm = torch.arange(K, device=W.device)
     if cfg.act_order:
         perm = torch.argsort(diag, descending=True, stable=True)
-    U, damp, retries = inverse_hessian_cholesky(
-        H.detach(),
-        cfg.percdamp,
-        cfg.max_damp_retries,
-        layer_name,
-        perm=perm if cfg.act_order else None,
-        dead=dead,
-        dtype=cfg.linalg_dtype,
-    )
-    U = U.float()
     if cfg.scale_mode == "static":
-        scales = block_scales(Wq, fmt, global_scale=gs)
+        scales = static_scales(Wq, fmt, gs)
     else:
         n_row_blocks = _column_groups(N, block[0])
         stored = torch.ones(n_row_blocks, _column_groups(K, block[1]), device=W.device)
         zp = None if fmt.symmetric else torch.zeros_like(stored)
         scales = BlockScales(stored, block, zp, gs)
     Wt = Wq.T[perm].contiguous()  # column-major work copy (see _sweep)
-    del Wq
-    _sweep(Wt, U, scales, fmt, perm, cfg)
+    del Wq  # before the factorisation's work matrix
+    hessian: torch.Tensor | None = H.detach()
+    del H
+    assert hessian is not None
+    U, damp, retries = inverse_hessian_cholesky(
+        hessian,
+        cfg.percdamp,
+        cfg.max_damp_retries,
+        layer_name,
+        perm=perm if cfg.act_order else None,
+        dead=dead,
+        dtype=cfg.linalg_dtype,
+        consume=owned,
+    )
+    if owned:
+        hessian = None  # U may be its storage: freed with U
+    U = U.float()
+    err_sq = _sweep(Wt, U, scales, fmt, perm, cfg)
     del U  # before the codes get a matrix of their own
     codes = torch.empty(N, K, dtype=Wt.dtype, device=Wt.device)
     codes[:, perm] = Wt.T
@@ -292,13 +392,54 @@ def gptq_quantize(
     scale_full, zp_full = scales.expand((N, K))
     deq = dequantize_with_scale(codes, scale_full, zp_full)
     del scale_full, zp_full
-    D = W.detach().float() - deq  # the error metric is a report: float32 is enough
-    error = float((D @ H.float()).mul_(D).sum())
-    del D
+    if hessian is None:
+        error = err_sq - damp * _squared_error(W, deq, ~dead)
+    else:
+        D = W.detach().float() - deq  # the error metric is a report: float32 is enough
+        error = float((D @ hessian.float()).mul_(D).sum())
+        del D
     stats = GPTQStats(
         layer_name, error, damp, retries, int(dead.sum()), time.perf_counter() - start
     )
     return GPTQResult(build_qtensor(codes, scales, fmt), deq, stats)
+
+
+SCALE_ROWS = 256
+"""Rows of ``W`` per :func:`block_scales` call in :func:`static_scales` (rounded up to a
+multiple of the format's row block)."""
+
+
+def static_scales(W: torch.Tensor, fmt: QuantFormat, gs: torch.Tensor | None) -> BlockScales:
+    """:func:`block_scales` of ``W`` under the tensor-wide second level ``gs``, computed on
+    row slabs (whole row blocks) so that the rounding's temporaries are a slab's, not a
+    ``N x K`` tensor's; every scale depends on its own block (and row, for a channel
+    scale) only, so the values are the whole tensor's."""
+    N, K = W.shape
+    r = fmt.granularity.block_shape(N, K)[0]
+    step = -(-SCALE_ROWS // r) * r
+    if step >= N:
+        return block_scales(W, fmt, global_scale=gs)
+    parts = [block_scales(W[i : i + step], fmt, global_scale=gs) for i in range(0, N, step)]
+
+    def cat(ts: list[torch.Tensor | None]) -> torch.Tensor | None:
+        return None if ts[0] is None else torch.cat([t for t in ts if t is not None])
+
+    return BlockScales(
+        torch.cat([p.stored for p in parts]),
+        fmt.granularity.block_shape(N, K),
+        cat([p.zero_point for p in parts]),
+        parts[0].global_scale,
+        cat([p.channel_scale for p in parts]),
+    )
+
+
+def _squared_error(W: torch.Tensor, deq: torch.Tensor, live: torch.Tensor) -> float:
+    """``||W[:, live] - deq[:, live]||^2``, 1024 rows at a time (no ``N x K`` temporary)."""
+    total = 0.0
+    for r1 in range(0, W.shape[0], UPDATE_ROWS):
+        d = W[r1 : r1 + UPDATE_ROWS].detach().float() - deq[r1 : r1 + UPDATE_ROWS]
+        total += float(d[:, live].square().sum())
+    return total
 
 
 def _sweep(
@@ -308,10 +449,10 @@ def _sweep(
     fmt: QuantFormat,
     perm: torch.Tensor,
     cfg: GPTQConfig,
-) -> None:
+) -> float:
     """Algorithm 1 on ``Wt = W.T[perm]`` (the columns of ``W`` as rows, in the order
     ``perm``), in place: row ``j`` of ``Wt`` ends holding column ``perm[j]``'s grid
-    values ``q``.
+    values ``q``. Returns ``||E||^2``, the sum of the squared scaled errors ``Err_j``.
 
     Once quantized, a row is never read again (its block works on a copy), so the codes
     need no matrix of their own during the sweep; the lazy update of the rows after a
@@ -336,6 +477,7 @@ def _sweep(
         Zt = None
         if scales.zero_point is not None:
             Zt = expand_blocks(scales.zero_point, (r, 1), (N, groups)).T.contiguous()
+    err_sq = 0.0
     for i1 in range(0, K, cfg.block_size):
         i2 = min(i1 + cfg.block_size, K)
         W1 = Wt[i1:i2].clone()
@@ -360,9 +502,11 @@ def _sweep(
             err = (w - dequantize_with_scale(q, s_j, z)) / U1[i, i]
             W1[i:] -= U1[i, i:][:, None] * err[None, :]
             Err1[i] = err
+        err_sq += float(Err1.double().square().sum())
         for r1 in range(i2, K, UPDATE_ROWS):  # the lazy update, a row slab at a time
             r2 = min(r1 + UPDATE_ROWS, K)
             Wt[r1:r2] -= U[i1:i2, r1:r2].T @ Err1
+    return err_sq
 
 
 def _current_columns(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ptq.calibration.hessian import OwnedHessian
 from ptq.calibration.ordered_hessian import SLAB_ROWS, OrderedHessian
 
 
@@ -42,3 +43,18 @@ def test_non_finite_rows_are_refused() -> None:
     x[3, SLAB_ROWS + 2] = float("nan")  # in the second slab
     with pytest.raises(ValueError, match="NaN/Inf"):
         OrderedHessian(SLAB_ROWS + 5).update(x)
+
+
+def test_the_last_reader_gets_the_hessian_handed_over() -> None:
+    acc = OrderedHessian(16)
+    acc.update(torch.randn(40, 16, generator=torch.Generator().manual_seed(2)))
+    acc.add_reader()
+    acc.add_reader()  # q, k and v read one matrix
+    first, second = acc.take(), acc.take()
+    assert isinstance(first, torch.Tensor) and first is second  # shared, read-only
+    last = acc.take()
+    assert isinstance(last, OwnedHessian)
+    h = last.release()
+    assert h is first  # the same matrix, now the last reader's
+    with pytest.raises(ValueError, match="handed"):
+        acc.hessian()

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from ptq.calibration.ordered_hessian import OrderedHessian
 from ptq.calibration.stages import LayerStats, StatsRequest, run_stages
 from ptq.pipeline import Pass, PassContext, Pipeline, QuantState
 from ptq.plan import LayerPlan, QuantPlan
@@ -99,6 +100,7 @@ def test_layers_fed_one_tensor_share_one_hessian(tiny_lm: Callable[[], nn.Module
         q, k, v = (seen[p + f"self_attn.{n}_proj"] for n in "qkv")
         assert q.hessian is k.hessian is v.hessian
         assert (q.owns_hessian, k.owns_hessian, v.owns_hessian) == (True, False, False)
+        assert isinstance(q.hessian, OrderedHessian) and q.hessian.readers == 3
         assert q.hessian is not None and q.hessian.nsamples == ids.numel()  # counted once
         gate, up = seen[p + "mlp.gate_proj"], seen[p + "mlp.up_proj"]
         assert gate.hessian is up.hessian

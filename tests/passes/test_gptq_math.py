@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from ptq.calibration.hessian import OwnedHessian
 from ptq.formats import (
     FP4_E2M1,
     FP8_E4M3,
@@ -27,6 +28,8 @@ from ptq.passes.gptq_math import (
     HessianError,
     gptq_quantize,
     inverse_hessian_cholesky,
+    permute_rows_in_place,
+    static_scales,
     transpose_in_place,
 )
 
@@ -320,3 +323,78 @@ def test_lazy_update_in_row_slabs_gives_the_same_bits(monkeypatch: pytest.Monkey
     slabs = gptq_quantize(w, h, fmt, layer_name="l", config=cfg)
     assert torch.equal(whole.qtensor.codes, slabs.qtensor.codes)
     assert torch.equal(whole.weight, slabs.weight)
+
+
+def test_permute_rows_in_place() -> None:
+    a = torch.randn(37, 5)
+    perm = torch.randperm(37, generator=torch.Generator().manual_seed(3))
+    expected = a[perm].clone()
+    storage = a.data_ptr()
+    assert permute_rows_in_place(a, perm).data_ptr() == storage
+    assert torch.equal(a, expected)
+    with pytest.raises(ValueError, match="permutation"):
+        permute_rows_in_place(a, torch.zeros(37, dtype=torch.long))
+
+
+@pytest.mark.parametrize("act_order", [True, False])
+def test_consumed_hessian_factorises_in_its_storage_to_the_same_bits(act_order: bool) -> None:
+    x = torch.randn(300, 200)
+    x[:, 7] = 0.0
+    h = x.T @ x * (2 / 300)
+    h[3, 5] += 1e-3  # not exactly symmetric
+    dead = torch.diag(h) == 0
+    diag = torch.diag(h).clone()
+    diag[dead] = 1.0
+    perm = torch.argsort(diag, descending=True, stable=True) if act_order else None
+    expected = _reference_factor(h, perm, dead)
+    storage = h.data_ptr()
+    u, _, _ = inverse_hessian_cholesky(h, 0.01, 4, "l", perm=perm, dead=dead, consume=True)
+    assert u.data_ptr() == storage  # no second K x K matrix
+    assert torch.equal(u, expected)
+
+
+def test_consumed_hessian_retries_from_its_spilled_copy() -> None:
+    h = indefinite_hessian(64, -0.05)
+    expected = inverse_hessian_cholesky(h.float(), 0.01, 4, "l")
+    u, damp, retries = inverse_hessian_cholesky(h.float().clone(), 0.01, 4, "l", consume=True)
+    assert retries >= 1 and (damp, retries) == expected[1:]
+    assert torch.equal(u, expected[0])
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+@pytest.mark.parametrize("name", ["int4_g64", "nvfp4", "int4_g64_asym"])
+def test_handed_over_hessian_gives_the_same_codes_and_error(name: str, mode: str) -> None:
+    fmt = {**FORMATS, **EXTRA}[name]
+    w, x, h = make_problem(32, 256, 512)
+    x[:, 9] = 0.0  # a dead column: zero row and column in H
+    h = 2.0 * x.T @ x / x.shape[0]
+    kept = gptq_quantize(w, h, fmt, layer_name="l", config=MODES[mode])
+    owned = OwnedHessian(h.clone())
+    given = gptq_quantize(w, owned, fmt, layer_name="l", config=MODES[mode])
+    assert torch.equal(kept.qtensor.codes, given.qtensor.codes)
+    assert torch.equal(bits(kept.weight), bits(given.weight))
+    assert given.stats.dead_columns == 1
+    # the error from the sweep's scaled errors: the same trace, other float32 roundings
+    assert given.stats.error == pytest.approx(kept.stats.error, rel=1e-3)
+    with pytest.raises(ValueError, match="twice"):
+        owned.release()
+
+
+@pytest.mark.parametrize("name", sorted({**FORMATS, **EXTRA, "m2": M2}))
+def test_static_scales_by_row_slabs_are_the_whole_tensors(name: str) -> None:
+    from ptq.passes.quant_with_scales import block_scales, tensor_global_scale
+
+    fmt = {**FORMATS, **EXTRA, "m2": M2}[name]
+    w = torch.randn(600, 128, generator=torch.Generator().manual_seed(5)) * 3
+    gs = tensor_global_scale(w, fmt)
+    whole, slabs = block_scales(w, fmt, global_scale=gs), static_scales(w, fmt, gs)
+    assert slabs.block == whole.block
+    for a, b in [
+        (whole.stored, slabs.stored),
+        (whole.zero_point, slabs.zero_point),
+        (whole.global_scale, slabs.global_scale),
+        (whole.channel_scale, slabs.channel_scale),
+    ]:
+        assert (a is None) == (b is None)
+        if a is not None and b is not None:
+            assert torch.equal(a, b)
