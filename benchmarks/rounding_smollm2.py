@@ -127,9 +127,15 @@ def load_peer_output(path: Path, peer: str) -> nn.Module:
 
     plain = path.with_name(path.name + "-fp32")
     script = Path(__file__).resolve().parent / "peers" / "llmc_dequantize.py"
-    subprocess.run([peer, str(script), str(path), str(plain)], check=True, capture_output=True)
-    model = AutoModelForCausalLM.from_pretrained(plain, dtype=torch.float32)
-    shutil.rmtree(plain)
+    try:
+        done = subprocess.run(
+            [peer, str(script), str(path), str(plain)], capture_output=True, text=True
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"llmc_dequantize.py failed: {done.stderr[-2000:]}")
+        model = AutoModelForCausalLM.from_pretrained(plain, dtype=torch.float32)
+    finally:
+        shutil.rmtree(plain, ignore_errors=True)
     return model.eval()
 
 

@@ -2,7 +2,8 @@
 
 One run quantizes SmolLM2 with ptq (the presets ``--w8a8`` and ``--w4a16`` with every
 default, as ``ptq quantize default --w8a8`` / ``--w4a16`` give them: RTN for W8A8,
-AWQ + GPTQ for W4A16; the table says which method ran), loads the FP model and both artifacts in one vLLM (CPU build) process, and measures:
+AWQ + GPTQ for W4A16; the table says which method ran), loads the FP model and both
+artifacts in one vLLM (CPU build) process, and measures:
 
 * perplexity under vLLM on held-out Britannica text (``--eval-tokens``, non-overlapping
   ``--seqlen`` windows, ``ppl = exp(mean NLL)`` from vLLM's prompt log-probabilities),
